@@ -1,0 +1,216 @@
+"""Train SB3 PPO on every Darkroom goal and log each stream's whole learning history to one HDF5 file.
+
+    python collect.py [--config config/algorithm/ppo_darkroom.yaml] [--force] [key=value ...]
+
+Each goal runs `n_stream` parallel streams for `total_source_timesteps` steps each; a `<compress>` marker
+precedes the first step of every PPO rollout and a `</compress>` follows its last (DESIGN §2). The file is
+built under `<name>.partial` and renamed when complete; a killed run resumes from the goals it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import yaml
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from tqdm import tqdm
+
+from common import DEFAULT_COLLECT_CONFIG, HISTORY_FORMAT_VERSION, UserError, add_config_args, history_path
+from common import load_config, run_main
+from env import DarkroomVecEnv, goal_to_pos, optimal_return
+
+FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_start", "compress_end")
+COLLECT_KEYS = (  # the keys that determine a history file; a partial file is resumed only if they match
+    "env", "grid_size", "horizon", "alg", "alg_seed", "n_steps", "n_stream", "total_source_timesteps",
+    "ppo_batch_size", "ppo_n_epochs", "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda",
+    "ppo_clip_range", "ppo_net_arch",
+)
+
+
+class HistoryCallback(BaseCallback):
+    """Copies every transition of every stream into time-major arrays, with rollout-boundary markers."""
+
+    def __init__(self, n_total: int, n_stream: int):
+        super().__init__()
+        shape = (n_total, n_stream)
+        self.data = {
+            "states": np.zeros(shape + (2,), np.int8),
+            "actions": np.zeros(shape, np.int8),
+            "rewards": np.zeros(shape, np.int8),
+            "next_states": np.zeros(shape + (2,), np.int8),
+            "dones": np.zeros(shape, bool),
+            "compress_start": np.zeros(shape, bool),
+            "compress_end": np.zeros(shape, bool),
+        }
+        self.t = 0
+
+    def _on_rollout_start(self) -> None:
+        if self.t < len(self.data["actions"]):
+            self.data["compress_start"][self.t] = True
+
+    def _on_step(self) -> bool:
+        t, d, loc = self.t, self.data, self.locals
+        d["states"][t] = self.model._last_obs  # the observation the action was taken in
+        d["actions"][t] = loc["actions"]
+        d["rewards"][t] = loc["rewards"]
+        d["dones"][t] = loc["dones"]
+        next_states = loc["new_obs"].copy()  # already the reset state where an episode ended
+        for i in np.flatnonzero(loc["dones"]):
+            next_states[i] = loc["infos"][i]["terminal_observation"]
+        d["next_states"][t] = next_states
+        self.t += 1
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.data["compress_end"][self.t - 1] = True
+
+
+def collect_goal(goal: int, cfg: dict) -> tuple[int, dict, float]:
+    """Run PPO on one goal; returns (goal, history arrays, seconds)."""
+    torch.set_num_threads(1)  # one core per goal process; parallelism comes from n_process
+    start = time.perf_counter()
+    venv = DarkroomVecEnv(cfg["n_stream"], goal, cfg["grid_size"], cfg["horizon"])
+    rollout = cfg["n_steps"] * cfg["n_stream"]
+    model = PPO(
+        "MlpPolicy",
+        venv,
+        n_steps=cfg["n_steps"],
+        batch_size=min(cfg["ppo_batch_size"], rollout),
+        n_epochs=cfg["ppo_n_epochs"],
+        learning_rate=cfg["ppo_lr"],
+        ent_coef=cfg["ppo_ent_coef"],
+        gamma=cfg["ppo_gamma"],
+        gae_lambda=cfg["ppo_gae_lambda"],
+        clip_range=cfg["ppo_clip_range"],
+        policy_kwargs={"net_arch": [cfg["ppo_net_arch"]] * 2},
+        seed=cfg["alg_seed"] * 1000 + goal,
+        device="cpu",
+    )
+    callback = HistoryCallback(cfg["total_source_timesteps"], cfg["n_stream"])
+    model.learn(total_timesteps=cfg["total_source_timesteps"] * cfg["n_stream"], callback=callback)
+    assert callback.t == cfg["total_source_timesteps"], "PPO stopped before the history was complete"
+    return goal, callback.data, time.perf_counter() - start
+
+
+def _worker(args):
+    return collect_goal(*args)
+
+
+def region_returns(rewards: np.ndarray, n_steps: int, horizon: int) -> np.ndarray:
+    """Mean episode return of each PPO rollout (region), averaged over streams: `[T // n_steps]`."""
+    per_region = rewards.reshape(-1, n_steps, rewards.shape[1]).sum(1)  # [K, S]
+    return per_region.mean(1) / (n_steps / horizon)
+
+
+def write_goal(f: h5py.File, goal: int, data: dict, cfg: dict) -> None:
+    if str(goal) in f:
+        del f[str(goal)]
+    g = f.create_group(str(goal))
+    g.attrs["goal"] = goal_to_pos(goal, cfg["grid_size"])
+    g.attrs["n_steps"] = cfg["n_steps"]
+    for name in FIELDS:
+        arr = data[name]
+        chunks = (min(arr.shape[0], cfg["n_steps"] * 4), arr.shape[1]) + arr.shape[2:]
+        g.create_dataset(name, data=arr, chunks=chunks, compression="gzip", compression_opts=4)
+    g.attrs["complete"] = True  # written last: a group without it was cut off by a kill
+
+
+def open_partial(partial: Path, cfg: dict) -> tuple[h5py.File, set]:
+    """Open the `.partial` file of an interrupted run if it matches this config, else start clean."""
+    wanted = {k: cfg[k] for k in COLLECT_KEYS}
+    if partial.exists():
+        try:
+            f = h5py.File(partial, "a")
+            if yaml.safe_load(f.attrs.get("collect_keys", "{}")) == wanted:
+                done = {int(k) for k in f if f[k].attrs.get("complete", False)}
+                print(f"resuming interrupted collection: {len(done)} goals already in {partial}")
+                return f, done
+            f.close()
+            print(f"found {partial} from a different config: starting clean")
+        except OSError:
+            print(f"found unreadable {partial} (killed mid-write): starting clean")
+        partial.unlink()
+    f = h5py.File(partial, "w")
+    f.attrs["format_version"] = HISTORY_FORMAT_VERSION
+    f.attrs["collect_keys"] = yaml.safe_dump(wanted)
+    f.attrs["config"] = yaml.safe_dump(cfg)
+    for k in ("grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps"):
+        f.attrs[k] = cfg[k]
+    return f, set()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, DEFAULT_COLLECT_CONFIG)
+    parser.add_argument("--force", action="store_true", help="replace an existing history file (kept until the new one is complete)")
+    parser.add_argument("--goals", default=None, help="comma-separated goal indices to collect (default: all goals)")
+    parser.add_argument("--out", default=None, help="output HDF5 path (default: <traj_dir>/history_<env>_<alg>_alg-seed<seed>.hdf5)")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    n_goals = cfg["grid_size"] ** 2
+    if args.goals:
+        try:
+            goals = sorted({int(g) for g in args.goals.split(",")})
+        except ValueError:
+            raise UserError(f"--goals must be comma-separated integers, got {args.goals!r}") from None
+        for g in goals:
+            goal_to_pos(g, cfg["grid_size"]) if 0 <= g < n_goals else (_ for _ in ()).throw(
+                UserError(f"goal {g} is outside the {cfg['grid_size']}x{cfg['grid_size']} grid: use 0..{n_goals - 1}"))
+    else:
+        goals = list(range(n_goals))
+    out = Path(args.out) if args.out else history_path(cfg)
+    if out.exists() and not args.force:
+        raise UserError(f"history file {out} already exists: pass --force to replace it, or traj_dir=/alg_seed= for a new name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+
+    start = time.perf_counter()
+    f, done = open_partial(partial, cfg)
+    todo = [g for g in goals if g not in done]
+    n_proc = max(1, min(cfg["n_process"], len(todo)))
+    try:
+        bar = tqdm(total=len(goals), initial=len(goals) - len(todo), desc="PPO goals", unit="goal")
+        jobs = [(g, cfg) for g in todo]
+        if n_proc == 1:
+            results = map(_worker, jobs)
+        else:
+            pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(n_proc)
+            results = pool.imap_unordered(_worker, jobs)
+        for goal, data, secs in results:
+            write_goal(f, goal, data, cfg)
+            f.flush()
+            ret = region_returns(data["rewards"], cfg["n_steps"], cfg["horizon"])
+            bar.set_postfix(goal=goal, final=f"{ret[-1]:.1f}/{optimal_return(goal, cfg['grid_size'], cfg['horizon'])}", s=f"{secs:.1f}")
+            bar.update()
+        bar.close()
+        if n_proc > 1:
+            pool.close()
+            pool.join()
+        missing = [g for g in goals if str(g) not in f]
+        assert not missing, f"goals missing from the history: {missing}"
+        first, last, opt = [], [], []
+        for g in goals:
+            ret = region_returns(f[str(g)]["rewards"][:], cfg["n_steps"], cfg["horizon"])
+            first.append(ret[0])
+            last.append(ret[-1])
+            opt.append(optimal_return(g, cfg["grid_size"], cfg["horizon"]))
+    finally:
+        f.close()
+    os.replace(partial, out)  # atomic: the final name only ever holds a complete file
+    first, last, opt = map(np.array, (first, last, opt))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(goals)} goals x {cfg['n_stream']} streams x "
+          f"{cfg['total_source_timesteps']} steps) in {time.perf_counter() - start:.0f} s")
+    print(f"PPO return, first region {first.mean():.2f}, last region {last.mean():.2f} vs optimum {opt.mean():.2f} "
+          f"({last.sum() / opt.sum():.1%} of optimum; worst goal {np.min(last / opt):.1%})")
+
+
+if __name__ == "__main__":
+    run_main(main)

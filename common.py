@@ -1,0 +1,167 @@
+"""What every script shares: the YAML config loader, file names, and the one-line error convention."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+CONFIG_DIR = ROOT / "config"
+DEFAULT_COLLECT_CONFIG = CONFIG_DIR / "algorithm" / "ppo_darkroom.yaml"
+DEFAULT_MODEL_CONFIG = CONFIG_DIR / "model" / "ad_dr.yaml"
+HISTORY_FORMAT_VERSION = 1
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line and a non-zero exit, never a traceback."""
+
+
+# Every key a config may hold, with its type. Anything else is a typo and is rejected.
+SCHEMA: dict[str, type] = {
+    # env
+    "env": str, "grid_size": int, "horizon": int, "env_split_seed": int, "train_env_ratio": float,
+    # source algorithm / collection
+    "alg": str, "alg_seed": int, "n_steps": int, "n_stream": int, "total_source_timesteps": int,
+    "ppo_batch_size": int, "ppo_n_epochs": int, "ppo_lr": float, "ppo_ent_coef": float,
+    "ppo_gamma": float, "ppo_gae_lambda": float, "ppo_clip_range": float, "ppo_net_arch": int,
+    "n_process": int, "traj_dir": str,
+    # model
+    "model": str, "run_name": str, "use_compressed_context": bool, "n_transit": int,
+    "compress_interval": int, "max_regions": int, "token_type_loss_weight": float,
+    "d_model": int, "n_layer": int, "n_head": int, "dropout": float,
+    # training
+    "seed": int, "train_timesteps": int, "train_batch_size": int, "lr": float, "weight_decay": float,
+    "warmup_steps": int, "grad_clip": float, "mixed_precision": str, "log_interval": int,
+    "test_interval": int, "test_batches": int, "ckpt_interval": int,
+    # evaluation
+    "eval_episodes": int, "eval_streams": int, "eval_temperature": float, "eval_window_shift": int,
+    "eval_cache": bool,
+}
+POSITIVE = {
+    "grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps", "ppo_batch_size",
+    "ppo_n_epochs", "ppo_lr", "ppo_net_arch", "n_process", "n_transit", "compress_interval",
+    "max_regions", "d_model", "n_layer", "n_head", "train_timesteps", "train_batch_size", "lr",
+    "log_interval", "test_interval", "test_batches", "ckpt_interval", "eval_episodes", "eval_streams",
+    "eval_temperature", "eval_window_shift",
+}
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"config include loop: {path} includes itself; remove the cycle")
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML ({e.__class__.__name__}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value")
+    includes = data.pop("include", [])
+    merged: dict = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged.update(_read_yaml(path.parent / inc, seen + (path,)))  # includes are relative to the file
+    merged.update(data)
+    return merged
+
+
+def _check_type(key: str, value, source: str):
+    if key not in SCHEMA:
+        raise UserError(f"unknown config key '{key}' ({source}); valid keys: see config/*/*.yaml")
+    want = SCHEMA[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise UserError(f"config key '{key}' must be {want.__name__}, got {value!r} ({source})")
+    if key in POSITIVE and value <= 0:
+        raise UserError(f"config key '{key}' must be > 0, got {value!r} ({source})")
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings -> dict; values are parsed as YAML scalars (`lr=3e-4`, `eval_cache=false`)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"bad override '{item}': write overrides as key=value, e.g. train_timesteps=100")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if SCHEMA.get(key.strip()) is str and value is not None:
+            value = str(raw)
+        out[key.strip()] = value
+    return out
+
+
+def validate(cfg: dict) -> dict:
+    """Consistency checks between keys (one line each, naming the fix)."""
+    if "total_source_timesteps" in cfg and cfg["total_source_timesteps"] % cfg["n_steps"]:
+        raise UserError(
+            f"total_source_timesteps={cfg['total_source_timesteps']} is not a multiple of n_steps={cfg['n_steps']}; "
+            "history regions are whole PPO rollouts"
+        )
+    if "d_model" in cfg and cfg["d_model"] % cfg["n_head"]:
+        raise UserError(f"d_model={cfg['d_model']} is not divisible by n_head={cfg['n_head']}")
+    if cfg.get("use_compressed_context"):
+        if cfg["compress_interval"] != cfg["n_steps"]:
+            raise UserError(
+                f"compress_interval={cfg['compress_interval']} must equal PPO n_steps={cfg['n_steps']}: "
+                f"regions are PPO rollouts; set compress_interval={cfg['n_steps']} or re-collect with matching n_steps"
+            )
+        need = min_compressed_context(cfg["compress_interval"], cfg["max_regions"])
+        if cfg["n_transit"] < need:
+            raise UserError(
+                f"n_transit={cfg['n_transit']} is too small for {cfg['max_regions']} regions of "
+                f"{cfg['compress_interval']} steps plus markers: set n_transit>={need}"
+            )
+    if cfg.get("mixed_precision", "no") not in ("no", "fp16", "bf16"):
+        raise UserError(f"mixed_precision must be one of no, fp16, bf16; got {cfg['mixed_precision']!r}")
+    return cfg
+
+
+def min_compressed_context(interval: int, max_regions: int) -> int:
+    """Longest sequence: `C r E` per kept region, less the `E` of the newest one (`C r1 E C r2`)."""
+    return max_regions * (interval + 2) - 1
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | dict | None = None) -> dict:
+    cfg = _read_yaml(Path(path))
+    for k, v in cfg.items():
+        cfg[k] = _check_type(k, v, f"in {path}")
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for k, v in ov.items():
+        cfg[k] = _check_type(k, v, "command-line override")
+    return validate(cfg)
+
+
+def history_path(cfg: dict) -> Path:
+    """The one place the history file name is made."""
+    traj_dir = Path(cfg["traj_dir"])
+    if not traj_dir.is_absolute():
+        traj_dir = Path.cwd() / traj_dir
+    return traj_dir / f"history_{cfg['env']}_{cfg['alg']}_alg-seed{cfg['alg_seed']}.hdf5"
+
+
+def default_run_dir(cfg: dict) -> Path:
+    return Path("runs") / f"{cfg['run_name']}-seed{cfg['seed']}"
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_config: Path) -> None:
+    parser.add_argument("--config", default=str(default_config), help=f"YAML config (default: {default_config.relative_to(ROOT)})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. train_timesteps=100")
+
+
+def run_main(main) -> None:
+    """Run `main()`, turning a `UserError` into one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
