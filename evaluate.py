@@ -1,0 +1,294 @@
+"""In-context evaluation on the held-out goals: no weight updates, the model must learn from its context.
+
+    python evaluate.py [--run-dir DIR] [--config FILE] [key=value ...]
+
+All test goals x `eval_streams` rollouts run as one batch for `eval_episodes` episodes, actions sampled from
+the softmax (DESIGN §4). Standard mode keeps a FIFO window of `n_transit` steps (dropping the oldest
+`eval_window_shift` when full); compressed mode closes a region whenever the token-type head says
+`</compress>` and prunes the oldest so that at most `max_regions` remain. Keys/values are cached between
+steps and recomputed only for streams whose window was pruned or shifted.
+Writes DIR/eval_result.npy ([n_goals, n_episodes], mean over streams) and DIR/eval_summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import UserError, default_run_dir, load_config, run_main, validate
+from env import goal_to_pos, optimal_return, split_goals, start_pos, step_positions
+from model import MODEL, ADConfig
+from model.ad import COMPRESS_END, COMPRESS_START, PAD_PREV, STEP, encode_prev, encode_state, n_state_ids
+
+EVAL_KEYS = ("eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "seed")
+SLACK = 3  # cache slots beyond n_transit: a step may append </compress>, <compress> and a step token
+
+
+def load_run(run_dir: Path, overrides: list[str], device) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from `run_dir/ckpt.pt` (its config is inside); overrides may change eval keys only."""
+    if not run_dir.is_dir():
+        raise UserError(f"run dir {run_dir} does not exist; pass --run-dir of a trained run (see `ls runs/`)")
+    path = run_dir / "ckpt.pt"
+    if not path.exists():
+        raise UserError(f"no checkpoint in {run_dir}; train first: python train.py --run-dir {run_dir}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = dict(ckpt["config"])
+        model = MODEL[cfg["model"]](ADConfig.from_dict(cfg))
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable or does not match its model ({e.__class__.__name__}); retrain") from None
+    from common import parse_overrides, _check_type
+
+    for k, v in parse_overrides(overrides).items():
+        if k not in EVAL_KEYS:
+            raise UserError(f"'{k}' is fixed by the checkpoint; at evaluation only {', '.join(EVAL_KEYS)} can be set")
+        cfg[k] = _check_type(k, v, "command-line override")
+    return model.to(device).eval(), validate(cfg)
+
+
+class Contexts:
+    """Per-stream token sequences (right-padded), with the key/value cache that covers their prefix."""
+
+    def __init__(self, model, n: int, cap: int, grid_size: int, device):
+        self.model, self.cap, self.device = model, cap, device
+        self.pad_state = n_state_ids(grid_size) - 1
+        self.type = torch.full((n, cap), STEP, dtype=torch.long, device=device)
+        self.state = torch.full((n, cap), self.pad_state, dtype=torch.long, device=device)
+        self.prev = torch.full((n, cap), PAD_PREV, dtype=torch.long, device=device)
+        self.length = torch.zeros(n, dtype=torch.long, device=device)
+        self.cached = torch.zeros(n, dtype=torch.long, device=device)  # tokens covered by the cache
+        self.cache = None
+        self.recomputed = 0  # streams whose cache was rebuilt (for the benchmark)
+
+    def append(self, rows, type_id: int, state=None, prev=None):
+        at = self.length[rows]
+        self.type[rows, at] = type_id
+        self.state[rows, at] = state if state is not None else self.pad_state
+        self.prev[rows, at] = prev if prev is not None else PAD_PREV
+        self.length[rows] += 1
+
+    def drop_front(self, row: int, n: int):
+        """Drop the oldest `n` tokens of one stream; positions restart at 0, so its cache is invalid."""
+        L = int(self.length[row])
+        for buf in (self.type, self.state, self.prev):
+            buf[row, : L - n] = buf[row, n:L].clone()
+        self.length[row] -= n
+        self.cached[row] = 0
+
+    def logits(self, use_cache: bool):
+        """Logits (action, token type) at each stream's newest token."""
+        if not use_cache:
+            T = int(self.length.max())
+            h, _ = self.model.trunk(self.type[:, :T], self.state[:, :T], self.prev[:, :T])
+            return self.model.heads(h[torch.arange(len(h)), self.length - 1])
+        stale = (self.cached == 0).nonzero().flatten()
+        if self.cache is None:
+            stale = torch.arange(len(self.length), device=self.device)
+        out = None
+        if len(stale):  # rebuild the cache of pruned / shifted / new streams from their full context
+            T = int(self.length[stale].max())
+            (la, lt), sub = self.model.prefill(self.type[stale, :T], self.state[stale, :T], self.prev[stale, :T],
+                                               self.length[stale], self.cap)
+            if self.cache is None:
+                self.cache = sub
+            else:
+                for (K, V), (k, v) in zip(self.cache, sub):
+                    K[stale], V[stale] = k, v
+            self.cached[stale] = self.length[stale]
+            self.recomputed += len(stale)
+            if len(stale) == len(self.length):
+                return la, lt
+            out = (stale, la, lt)
+        fresh = (self.cached < self.length).nonzero().flatten()  # streams with new tokens to append
+        n_new = self.length - self.cached
+        N = int(n_new.max())
+        pos = self.cached[:, None] + torch.arange(N, device=self.device)[None]  # (B, N), past the end = padding
+        idx = pos.clamp(max=self.cap - 1)
+        la, lt = self.model.extend(self.type.gather(1, idx), self.state.gather(1, idx), self.prev.gather(1, idx),
+                                   pos, n_new.clamp(min=1), self.cache)
+        self.cached[fresh] = self.length[fresh]
+        if out is not None:  # streams rebuilt above take the prefill's logits
+            stale, sla, slt = out
+            la[stale] = sla
+            if lt is not None:
+                lt[stale] = slt
+        return la, lt
+
+
+@torch.no_grad()
+def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_episodes: int, seed: int,
+                   use_cache: bool = True, temperature: float = 1.0, progress: bool = True, record_logits: bool = False,
+                   device="cpu") -> dict:
+    """Roll out `len(goals) * n_streams` streams for `n_episodes` episodes each, learning in context only."""
+    G, H = cfg["grid_size"], cfg["horizon"]
+    compressed, interval = cfg["use_compressed_context"], cfg["compress_interval"]
+    n_transit, max_regions = cfg["n_transit"], cfg["max_regions"]
+    B = len(goals) * n_streams
+    goal_pos = np.repeat(np.array([goal_to_pos(g, G) for g in goals]), n_streams, axis=0)  # [B, 2], goal-major
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ctx = Contexts(model, B, n_transit + SLACK, G, device)
+    all_rows = torch.arange(B, device=device)
+    # longest region the model may keep open: two of them (with markers) must fit in n_transit positions
+    max_region_len = (n_transit + 1) // max_regions - 2
+    region_starts: list[list[int]] = [[0] for _ in range(B)]  # index of each kept region's <compress>
+    region_len = np.zeros(B, dtype=np.int64)
+    if compressed:
+        ctx.append(all_rows, COMPRESS_START)
+
+    n_total = n_episodes * H
+    pos = np.tile(np.array(start_pos(G)), (B, 1))
+    prev_a = np.full(B, -1)
+    prev_r = np.zeros(B, dtype=np.int64)
+    ep_start = np.ones(B, dtype=np.int64)
+    rewards = np.zeros((B, n_total), dtype=np.int8)
+    closes = [[] for _ in range(B)]  # steps after which the model emitted </compress>
+    forced = [[] for _ in range(B)]  # steps at which a region reached max_region_len and was closed for it
+    prunes = [[] for _ in range(B)]  # steps after which the oldest region was dropped
+    logits_log = []
+    for t in tqdm(range(n_total), desc="in-context steps", disable=not progress, mininterval=2):
+        if not compressed and int(ctx.length[0]) >= n_transit:  # FIFO: all streams share one length
+            for b in range(B):
+                ctx.drop_front(b, min(cfg["eval_window_shift"], n_transit))
+        state_ids = torch.as_tensor(encode_state(pos, G), device=device)
+        prev_ids = torch.as_tensor(encode_prev(prev_a, prev_r, ep_start), device=device)
+        ctx.append(all_rows, STEP, state_ids, prev_ids)
+        logits_a, logits_t = ctx.logits(use_cache)
+        if record_logits:
+            logits_log.append(torch.cat([logits_a] + ([logits_t] if logits_t is not None else []), -1).cpu())
+        probs = torch.softmax(logits_a.float().cpu() / temperature, -1)
+        action = torch.multinomial(probs, 1, generator=gen).squeeze(1).numpy()
+
+        pos = step_positions(pos, action, G)
+        r = np.all(pos == goal_pos, axis=1).astype(np.int64)
+        rewards[:, t] = r
+        prev_a, prev_r = action, r
+        ep_start[:] = (t + 1) % H == 0
+        if ep_start[0]:
+            pos[:] = start_pos(G)
+
+        if compressed:
+            region_len += 1
+            says_end = (logits_t.argmax(-1) == COMPRESS_END).cpu().numpy()
+            for b in np.flatnonzero(says_end | (region_len >= max_region_len)):
+                (closes if says_end[b] else forced)[b].append(t)
+                ctx.append(all_rows[b : b + 1], COMPRESS_END)
+                if len(region_starts[b]) + 1 > max_regions:  # the new region would exceed the budget
+                    drop = region_starts[b][1]
+                    ctx.drop_front(b, drop)
+                    region_starts[b] = [s - drop for s in region_starts[b][1:]]
+                    prunes[b].append(t)
+                region_starts[b].append(int(ctx.length[b]))
+                ctx.append(all_rows[b : b + 1], COMPRESS_START)
+                region_len[b] = 0
+    returns = rewards.reshape(B, n_episodes, H).sum(-1).astype(np.float64)  # [B, n_episodes]
+    out = {"returns": returns.reshape(len(goals), n_streams, n_episodes), "rewards": rewards,
+           "closes": closes, "forced_closes": forced, "prunes": prunes, "recomputed": ctx.recomputed}
+    if record_logits:
+        out["logits"] = torch.stack(logits_log)  # (steps, B, A [+3])
+    return out
+
+
+def boundary_metrics(closes: list[list[int]], n_total: int, interval: int) -> dict:
+    """Precision / recall of the model's </compress> steps against the true grid (t + 1) % interval == 0."""
+    n_closes = sum(len(c) for c in closes)
+    correct = sum(sum((t + 1) % interval == 0 for t in c) for c in closes)
+    n_true = len(closes) * (n_total // interval)
+    return {"n_closes": n_closes, "precision_compress_end": correct / max(n_closes, 1),
+            "recall_compress_end": correct / max(n_true, 1)}
+
+
+def prune_quality(rewards: np.ndarray, prunes: list[list[int]], window: int) -> dict:
+    """Reward per step in the `window` steps before each prune vs the `window` steps after it."""
+    before, after = [], []
+    for b, steps in enumerate(prunes):
+        for t in steps:
+            if t + 1 - window >= 0 and t + 1 + window <= rewards.shape[1]:
+                before.append(rewards[b, t + 1 - window : t + 1].mean())
+                after.append(rewards[b, t + 1 : t + 1 + window].mean())
+    if not before:
+        return {"n_prunes": 0}
+    rb, ra = float(np.mean(before)), float(np.mean(after))
+    return {"n_prunes": len(before), "reward_per_step_before_prune": rb, "reward_per_step_after_prune": ra,
+            "after_over_before": ra / rb if rb > 0 else None}
+
+
+def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
+    returns = res["returns"]  # [n_goals, n_streams, n_episodes]
+    G, H = cfg["grid_size"], cfg["horizon"]
+    per_stream = returns.mean(-1).flatten()
+    ci = 1.96 * per_stream.std(ddof=1) / np.sqrt(len(per_stream)) if len(per_stream) > 1 else float("nan")
+    opt = np.array([optimal_return(g, G, H) for g in goals], dtype=np.float64)
+    per_goal = []
+    for i, g in enumerate(goals):
+        r = returns[i].mean(0)  # mean over streams, per episode
+        per_goal.append({"goal": g, "pos": list(goal_to_pos(g, G)), "mean": float(r.mean()),
+                         "last50": float(r[-50:].mean()), "last100": float(r[-100:].mean()), "optimum": float(opt[i]),
+                         "normalized": float(r.mean() / opt[i]), "last100_normalized": float(r[-100:].mean() / opt[i])})
+    n_total = returns.shape[-1] * H
+    s = {
+        "mode": "compressed" if cfg["use_compressed_context"] else "standard",
+        "n_goals": len(goals), "n_streams": returns.shape[1], "n_episodes": returns.shape[-1],
+        "mean_return": float(returns.mean()), "ci95": float(ci),
+        "last50_mean": float(returns[..., -50:].mean()), "last100_mean": float(returns[..., -100:].mean()),
+        "optimum_mean": float(opt.mean()), "normalized_score": float(returns.mean() / opt.mean()),
+        "per_goal": per_goal,
+    }
+    if cfg["use_compressed_context"]:
+        s["compression"] = {**boundary_metrics(res["closes"], n_total, cfg["compress_interval"]),
+                            "n_forced_closes": sum(len(c) for c in res["forced_closes"]),
+                            **prune_quality(res["rewards"], res["prunes"], H),
+                            "close_steps": [list(map(int, c)) for c in res["closes"]]}
+    return s
+
+
+def print_table(s: dict) -> None:
+    print(f"{'goal':>5} {'(row,col)':>9} {'mean':>6} {'last50':>7} {'optimum':>8} {'norm':>6}")
+    for g in s["per_goal"]:
+        print(f"{g['goal']:>5} {str(tuple(g['pos'])):>9} {g['mean']:>6.2f} {g['last50']:>7.2f} {g['optimum']:>8.0f} {g['normalized']:>6.2f}")
+    print(f"{s['mode']} AD: mean return {s['mean_return']:.2f} ± {s['ci95']:.2f} (95% CI) over {s['n_episodes']} episodes "
+          f"x {s['n_goals']} goals x {s['n_streams']} streams; last 100 {s['last100_mean']:.2f}; "
+          f"optimum {s['optimum_mean']:.2f}; normalised {s['normalized_score']:.3f}")
+    if "compression" in s:
+        c = s["compression"]
+        print(f"</compress>: {c['n_closes']} closes, precision {c['precision_compress_end']:.3f}, recall "
+              f"{c['recall_compress_end']:.3f}, forced {c['n_forced_closes']}; reward/step before vs after prune "
+              f"{c.get('reward_per_step_before_prune', float('nan')):.3f} vs {c.get('reward_per_step_after_prune', float('nan')):.3f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default=None, help="trained run (default: the run dir of --config, runs/AD-darkroom-seed0)")
+    parser.add_argument("--config", default=None, help="config whose default run dir to evaluate (default: config/model/ad_dr.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"override eval keys: {', '.join(EVAL_KEYS)}")
+    args = parser.parse_args()
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:
+        from common import DEFAULT_MODEL_CONFIG
+
+        run_dir = default_run_dir(load_config(args.config or DEFAULT_MODEL_CONFIG))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg = load_run(run_dir, args.overrides, device)
+    _, test_goals = split_goals(cfg["grid_size"], cfg["env_split_seed"], cfg["train_env_ratio"])
+    start = time.perf_counter()
+    res = run_in_context(model, cfg, test_goals, n_streams=cfg["eval_streams"], n_episodes=cfg["eval_episodes"],
+                         seed=cfg["seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"], device=device)
+    secs = time.perf_counter() - start
+    s = summarize(res, test_goals, cfg)
+    s["seconds"] = secs
+    s["eval_config"] = {k: cfg[k] for k in EVAL_KEYS}
+    np.save(run_dir / "eval_result.npy", res["returns"].mean(1))
+    (run_dir / "eval_summary.json").write_text(json.dumps(s, indent=1))
+    print_table(s)
+    print(f"evaluated in {secs:.1f} s; wrote {run_dir / 'eval_result.npy'} and {run_dir / 'eval_summary.json'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,3 @@
+from model.ad import AD, MODEL, ADConfig
+
+__all__ = ["AD", "MODEL", "ADConfig"]

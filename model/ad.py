@@ -1,0 +1,193 @@
+"""Algorithm Distillation transformer (pure nn.Module: no I/O, no environment).
+
+One token per decision step t: `embed(s_t) + embed(a_{t-1}, r_{t-1}, episode-start flag)` plus a learned
+position (DESIGN §3). In compressed mode `<compress>` (type 1) and `</compress>` (type 2) are their own
+tokens. The action head at a step token predicts a_t; the token-type head predicts whether the step closes
+its region (2) or not (0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+N_ACTIONS = 5
+STEP, COMPRESS_START, COMPRESS_END = 0, 1, 2  # token types
+N_TOKEN_TYPES = 3
+IGNORE = -100  # target value that is not supervised (markers, padding)
+N_REWARDS = 2  # Darkroom rewards are 0 or 1
+NO_PREV = N_ACTIONS * N_REWARDS  # "no previous step" (very first step of a stream)
+
+
+def n_state_ids(grid_size: int) -> int:
+    return grid_size * grid_size + 1  # the last id is padding / marker (zero embedding)
+
+
+N_PREV_IDS = 2 * (NO_PREV + 1) + 1  # (action, reward) or none, times episode-start flag, plus padding
+PAD_PREV = N_PREV_IDS - 1
+
+
+def encode_state(pos, grid_size: int):
+    """(..., 2) integer positions -> state ids."""
+    return pos[..., 0] * grid_size + pos[..., 1]
+
+
+def encode_prev(prev_action, prev_reward, episode_start):
+    """Previous step's (action, reward) and whether step t starts an episode -> one id.
+    `prev_action < 0` means there is no previous step."""
+    ar = prev_action * N_REWARDS + prev_reward.clip(0, N_REWARDS - 1)
+    ar = ar * (prev_action >= 0) + NO_PREV * (prev_action < 0)
+    return ar + (NO_PREV + 1) * episode_start
+
+
+@dataclass
+class ADConfig:
+    grid_size: int = 9
+    n_transit: int = 240
+    d_model: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    dropout: float = 0.0
+    use_compressed_context: bool = False
+    token_type_loss_weight: float = 0.1
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> ADConfig:
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__})
+
+
+class Block(nn.Module):
+    def __init__(self, c: ADConfig):
+        super().__init__()
+        self.n_head, self.dropout = c.n_head, c.dropout
+        self.ln1, self.ln2 = nn.LayerNorm(c.d_model), nn.LayerNorm(c.d_model)
+        self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
+        self.proj = nn.Linear(c.d_model, c.d_model)
+        self.mlp = nn.Sequential(nn.Linear(c.d_model, 4 * c.d_model), nn.GELU(), nn.Linear(4 * c.d_model, c.d_model))
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x, kv=None, pos=None, mask=None):
+        """x: (B, T, D). Without `kv`: causal attention over x. With `kv` = (K, V) caches (B, H, L, Dh):
+        the new keys/values are written at `pos` (B, T) and queries attend under `mask` (B, 1, T, L)."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        drop = self.dropout if self.training else 0.0
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+            new_kv = (k, v)
+        else:
+            K, V = kv
+            idx = pos[:, None, :, None].expand(B, K.shape[1], T, K.shape[3])
+            K.scatter_(2, idx, k)
+            V.scatter_(2, idx, v)
+            y = F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+            new_kv = (K, V)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, D)))
+        x = x + self.drop(self.mlp(self.ln2(x)))
+        return x, new_kv
+
+
+class AD(nn.Module):
+    def __init__(self, c: ADConfig):
+        super().__init__()
+        self.config = c
+        self.state_emb = nn.Embedding(n_state_ids(c.grid_size), c.d_model, padding_idx=n_state_ids(c.grid_size) - 1)
+        self.prev_emb = nn.Embedding(N_PREV_IDS, c.d_model, padding_idx=PAD_PREV)
+        self.type_emb = nn.Embedding(N_TOKEN_TYPES, c.d_model)
+        self.pos_emb = nn.Embedding(c.n_transit, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.d_model)
+        self.head_action = nn.Linear(c.d_model, N_ACTIONS)
+        self.head_token_type = nn.Linear(c.d_model, N_TOKEN_TYPES) if c.use_compressed_context else None
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "padding_idx", None) is not None:
+                m.weight.data[m.padding_idx].zero_()
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def embed(self, type_ids, state_ids, prev_ids, pos_ids):
+        return self.drop(self.type_emb(type_ids) + self.state_emb(state_ids) + self.prev_emb(prev_ids) + self.pos_emb(pos_ids))
+
+    def heads(self, h):
+        h = self.ln_f(h)
+        logits_type = self.head_token_type(h) if self.head_token_type is not None else None
+        return self.head_action(h), logits_type
+
+    def trunk(self, type_ids, state_ids, prev_ids):
+        """Full causal pass over right-padded sequences (B, T); returns hidden states and per-layer (K, V)."""
+        pos = torch.arange(type_ids.shape[1], device=type_ids.device).expand_as(type_ids)
+        h = self.embed(type_ids, state_ids, prev_ids, pos)
+        kvs = []
+        for blk in self.blocks:
+            h, kv = blk(h)
+            kvs.append(kv)
+        return h, kvs
+
+    def forward(self, batch: dict) -> dict:
+        """Training / teacher-forced pass. `batch` holds (B, T) `type_ids`, `state_ids`, `prev_ids`,
+        `target_action` and, in compressed mode, `target_token_type` (IGNORE where unsupervised)."""
+        h, _ = self.trunk(batch["type_ids"], batch["state_ids"], batch["prev_ids"])
+        logits_action, logits_type = self.heads(h)  # (B, T, A), (B, T, 3)
+        out = {"logits_action": logits_action}
+        tgt = batch["target_action"]
+        sup = tgt != IGNORE
+        out["loss_action"] = F.cross_entropy(logits_action[sup], tgt[sup])
+        out["acc_action"] = (logits_action[sup].argmax(-1) == tgt[sup]).float().mean()
+        out["n_targets"] = sup.sum()
+        out["loss"] = out["loss_action"]
+        if logits_type is not None:
+            tt = batch["target_token_type"]
+            sup_t = tt != IGNORE
+            pred = logits_type[sup_t].argmax(-1)
+            true = tt[sup_t]
+            out["logits_token_type"] = logits_type
+            out["loss_token_type"] = F.cross_entropy(logits_type[sup_t], true)
+            out["acc_token_type"] = (pred == true).float().mean()
+            # counts for precision / recall of </compress> (summed over batches and ranks by the caller)
+            out["n_true_positive"] = ((pred == COMPRESS_END) & (true == COMPRESS_END)).sum()
+            out["n_pred_end"] = (pred == COMPRESS_END).sum()
+            out["n_true_end"] = (true == COMPRESS_END).sum()
+            out["loss"] = out["loss_action"] + self.config.token_type_loss_weight * out["loss_token_type"]
+        return out
+
+    # ---- inference with a key/value cache -------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, type_ids, state_ids, prev_ids, lengths, cache_len: int):
+        """Recompute the cache from full contexts (B, T) of `lengths` (B,) tokens each.
+        Returns (logits at each stream's last token, cache); the cache holds `cache_len` slots."""
+        B, T = type_ids.shape
+        h, kvs = self.trunk(type_ids, state_ids, prev_ids)
+        cache = []
+        for k, v in kvs:
+            K = k.new_zeros(B, k.shape[1], cache_len, k.shape[3])
+            V = torch.zeros_like(K)
+            K[:, :, :T], V[:, :, :T] = k, v
+            cache.append((K, V))
+        last = h[torch.arange(B), lengths - 1]  # (B, D)
+        return self.heads(last), cache
+
+    @torch.no_grad()
+    def extend(self, type_ids, state_ids, prev_ids, pos, n_new, cache):
+        """Append `n_new` (B,) tokens per stream, given left-aligned in (B, N) with positions `pos` (B, N),
+        to the cache in place; returns logits at each stream's last new token."""
+        B, N = type_ids.shape
+        L = cache[0][0].shape[2]
+        h = self.embed(type_ids, state_ids, prev_ids, pos.clamp(max=self.config.n_transit - 1))
+        key_idx = torch.arange(L, device=pos.device)
+        mask = (key_idx[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, N, L)
+        for i, blk in enumerate(self.blocks):
+            h, cache[i] = blk(h, kv=cache[i], pos=pos.clamp(max=L - 1), mask=mask)
+        last = h[torch.arange(B), n_new - 1]
+        return self.heads(last)
+
+
+MODEL = {"AD": AD}
