@@ -1,0 +1,42 @@
+"""Shared fixtures: one tiny history collection per test session, and helpers to run the scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# 2 train goals and 2 held-out goals ((4,2)=38 and (5,6)=51 are in the default test split)
+TINY_GOALS = "0,1,38,51"
+TINY_COLLECT = ["n_stream=4", "n_steps=20", "total_source_timesteps=80", "ppo_batch_size=40", "ppo_n_epochs=2", "n_process=1"]
+TINY_MODEL = ["d_model=16", "n_layer=1", "n_head=2", "train_batch_size=4", "log_interval=2", "test_interval=3",
+              "test_batches=2", "ckpt_interval=3", "warmup_steps=2", "eval_episodes=3", "eval_streams=2"]
+TINY_STANDARD = TINY_COLLECT + TINY_MODEL + ["n_transit=40", "compress_interval=20"]
+TINY_COMPRESSED = TINY_COLLECT + TINY_MODEL + ["n_transit=48", "compress_interval=20"]
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None, check: bool = True, timeout: int = 300):
+    """Run a repo script in a subprocess (one thread, like CI) and return the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_history(tmp_path_factory) -> dict:
+    """A tiny history file (4 goals x 4 streams x 80 steps, n_steps=20) made by collect.py."""
+    traj_dir = tmp_path_factory.mktemp("datasets")
+    overrides = TINY_COLLECT + [f"traj_dir={traj_dir}"]
+    run_script("collect.py", "--goals", TINY_GOALS, *overrides)
+    path = traj_dir / "history_darkroom_PPO_alg-seed42.hdf5"
+    assert path.exists()
+    return {"traj_dir": traj_dir, "path": path, "goals": [int(g) for g in TINY_GOALS.split(",")],
+            "standard": TINY_STANDARD + [f"traj_dir={traj_dir}"],
+            "compressed": TINY_COMPRESSED + [f"traj_dir={traj_dir}"]}
