@@ -145,11 +145,12 @@ class AD(nn.Module):
         out["n_targets"] = sup.sum()
         out["loss"] = out["loss_action"]
         if logits_type is not None:
+            out["logits_token_type"] = logits_type
+        if logits_type is not None and "target_token_type" in batch:
             tt = batch["target_token_type"]
             sup_t = tt != IGNORE
             pred = logits_type[sup_t].argmax(-1)
             true = tt[sup_t]
-            out["logits_token_type"] = logits_type
             out["loss_token_type"] = F.cross_entropy(logits_type[sup_t], true)
             out["acc_token_type"] = (pred == true).float().mean()
             # counts for precision / recall of </compress> (summed over batches and ranks by the caller)

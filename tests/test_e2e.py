@@ -1,0 +1,67 @@
+"""A tiny collect -> train -> evaluate run through the scripts, checking what each writes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+
+
+@pytest.mark.parametrize("mode", ["standard", "compressed"])
+def test_train_then_evaluate(tiny_history, tmp_path, mode):
+    config = "config/model/ad_dr_compressed.yaml" if mode == "compressed" else "config/model/ad_dr.yaml"
+    run_dir = tmp_path / "run"
+    out = run_script("train.py", "--config", config, "--run-dir", str(run_dir), "train_timesteps=6", *tiny_history[mode])
+    assert "done: 6 steps" in out.stdout
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 6 and ckpt["config"]["use_compressed_context"] == (mode == "compressed")
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model's state dict
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["targets_per_s"] > 0
+    assert (mode == "compressed") == ("test/recall_compress_end" in summary)
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert (run_dir / "config.yaml").exists()
+
+    # a finished run is never clobbered
+    again = run_script("train.py", "--config", config, "--run-dir", str(run_dir), "train_timesteps=6", *tiny_history[mode],
+                       check=False)
+    assert again.returncode != 0 and "already finished" in again.stderr
+
+    ev = run_script("evaluate.py", "--run-dir", str(run_dir))
+    res = np.load(run_dir / "eval_result.npy")
+    assert res.shape == (8, 3)  # 8 held-out goals x eval_episodes
+    assert ((res >= 0) & (res <= 20)).all()
+    s = json.loads((run_dir / "eval_summary.json").read_text())
+    assert len(s["per_goal"]) == 8 and s["n_streams"] == 2 and s["mode"] == mode
+    assert s["optimum_mean"] == 17.25
+    assert np.isclose(s["mean_return"], res.mean())
+    assert all(set(g) >= {"mean", "last50", "optimum", "normalized"} for g in s["per_goal"])
+    assert "95% CI" in ev.stdout
+    if mode == "compressed":
+        c = s["compression"]
+        assert {"precision_compress_end", "recall_compress_end", "n_closes", "close_steps"} <= set(c)
+        assert len(c["close_steps"]) == 16
+
+
+def test_tensorboard_has_the_metrics(tiny_history, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    run_script("train.py", "--config", "config/model/ad_dr_compressed.yaml", "--run-dir", str(run_dir), "train_timesteps=6",
+               *tiny_history["compressed"])
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for split in ("train", "test"):
+        for m in ("loss_action", "acc_action", "loss_token_type", "acc_token_type", "precision_compress_end",
+                  "recall_compress_end"):
+            assert f"{split}/{m}" in tags
+    assert "train/lr" in tags
+    assert [e.step for e in acc.Scalars("test/acc_action")] == [3, 6]
+
+
+def test_help_for_every_script():
+    for script in ("collect.py", "train.py", "evaluate.py"):
+        out = run_script(script, "--help")
+        assert "key=value" in out.stdout

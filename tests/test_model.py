@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from model import MODEL, AD, ADConfig
+from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, N_ACTIONS, STEP
+
+
+def _batch(B=3, T=24, compressed=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = {
+        "type_ids": torch.full((B, T), STEP),
+        "state_ids": torch.randint(0, 81, (B, T), generator=g),
+        "prev_ids": torch.randint(0, 22, (B, T), generator=g),
+        "target_action": torch.randint(0, N_ACTIONS, (B, T), generator=g),
+    }
+    if compressed:
+        b["type_ids"][:, 0] = COMPRESS_START
+        b["type_ids"][:, 11] = COMPRESS_END
+        b["type_ids"][:, 12] = COMPRESS_START
+        for k in ("state_ids",):
+            b[k][:, [0, 11, 12]] = 81
+        b["prev_ids"][:, [0, 11, 12]] = 22
+        b["target_action"][:, [0, 11, 12]] = IGNORE
+        tt = torch.zeros(B, T, dtype=torch.long)
+        tt[:, [10, 23]] = 2
+        tt[:, [0, 11, 12]] = IGNORE
+        b["target_token_type"] = tt
+    return b
+
+
+def _model(compressed=False, T=32):
+    torch.manual_seed(0)
+    return AD(ADConfig(n_transit=T, d_model=32, n_layer=2, n_head=2, use_compressed_context=compressed))
+
+
+def test_registry():
+    assert MODEL["AD"] is AD
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_forward_shapes_and_losses(compressed):
+    m = _model(compressed)
+    out = m(_batch(compressed=compressed))
+    assert out["logits_action"].shape == (3, 24, N_ACTIONS)
+    assert out["loss_action"].ndim == 0 and out["loss_action"] > 0
+    if compressed:
+        assert out["logits_token_type"].shape == (3, 24, 3)
+        assert out["n_targets"] == 3 * 21
+        torch.testing.assert_close(out["loss"], out["loss_action"] + 0.1 * out["loss_token_type"])
+    else:
+        assert "logits_token_type" not in out and out["n_targets"] == 3 * 24
+        torch.testing.assert_close(out["loss"], out["loss_action"])
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_causality_loss_at_t_ignores_later_steps(compressed):
+    m = _model(compressed).eval()
+    b1 = _batch(compressed=compressed)
+    b2 = {k: v.clone() for k, v in b1.items()}
+    t = 15
+    b2["state_ids"][:, t + 1 :] = torch.randint(0, 81, b2["state_ids"][:, t + 1 :].shape)
+    b2["prev_ids"][:, t + 1 :] = torch.randint(0, 22, b2["prev_ids"][:, t + 1 :].shape)
+    b2["target_action"][:, t + 1 :] = (b2["target_action"][:, t + 1 :] + 1) % N_ACTIONS
+    l1, l2 = m(b1)["logits_action"], m(b2)["logits_action"]
+    torch.testing.assert_close(l1[:, : t + 1], l2[:, : t + 1])
+    assert not torch.allclose(l1[:, t + 1 :], l2[:, t + 1 :])
+    # the per-position loss at t is unchanged
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(ce(l1[:, t], b1["target_action"][:, t]), ce(l2[:, t], b2["target_action"][:, t]))
+
+
+def test_training_reduces_loss_on_a_fixed_batch():
+    m = _model()
+    b = _batch()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = m(b)["loss"].item()
+    for _ in range(60):
+        loss = m(b)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_padding_and_marker_ids_embed_to_zero_state():
+    m = _model(True)
+    assert m.state_emb.weight[81].abs().sum() == 0 and m.prev_emb.weight[22].abs().sum() == 0
