@@ -32,7 +32,7 @@ SCHEMA: dict[str, type] = {
     # model
     "model": str, "run_name": str, "use_compressed_context": bool, "n_transit": int,
     "compress_interval": int, "max_regions": int, "token_type_loss_weight": float,
-    "d_model": int, "n_layer": int, "n_head": int, "dropout": float,
+    "d_model": int, "n_layer": int, "n_head": int, "dropout": float, "state_embedding": str,
     # training
     "seed": int, "train_timesteps": int, "train_batch_size": int, "lr": float, "weight_decay": float,
     "warmup_steps": int, "grad_clip": float, "mixed_precision": str, "log_interval": int,

@@ -102,7 +102,7 @@ GOLDEN = [0.02989, 0.01093, -0.08297, 0.20581, -0.06509, -0.01, 0.03545, -0.0719
 
 def test_5_standard_mode_unchanged():
     torch.manual_seed(0)
-    m = AD(ADConfig(n_transit=16, d_model=16, n_layer=1, n_head=2)).eval()
+    m = AD(ADConfig(n_transit=16, d_model=16, n_layer=1, n_head=2, state_embedding="table")).eval()
     g = torch.Generator().manual_seed(1)
     b = {"type_ids": torch.zeros(2, 8, dtype=torch.long), "state_ids": torch.randint(0, 81, (2, 8), generator=g),
          "prev_ids": torch.randint(0, 22, (2, 8), generator=g), "target_action": torch.randint(0, 5, (2, 8), generator=g)}
@@ -110,7 +110,7 @@ def test_5_standard_mode_unchanged():
     assert m.head_token_type is None and "loss_token_type" not in out
     np.testing.assert_allclose(out["logits_action"][:, -1].flatten().tolist(), GOLDEN, atol=1e-5)  # frozen reference
     # the compressed model with the same weights gives the same action logits on a marker-free sequence
-    c = AD(ADConfig(n_transit=16, d_model=16, n_layer=1, n_head=2, use_compressed_context=True)).eval()
+    c = AD(ADConfig(n_transit=16, d_model=16, n_layer=1, n_head=2, state_embedding="table", use_compressed_context=True)).eval()
     c.load_state_dict(m.state_dict(), strict=False)
     torch.testing.assert_close(c(b)["logits_action"], out["logits_action"])
 

@@ -84,4 +84,7 @@ def test_training_reduces_loss_on_a_fixed_batch():
 
 def test_padding_and_marker_ids_embed_to_zero_state():
     m = _model(True)
-    assert m.state_emb.weight[81].abs().sum() == 0 and m.prev_emb.weight[22].abs().sum() == 0
+    assert m.row_emb.weight[9].abs().sum() == 0 and m.col_emb.weight[9].abs().sum() == 0
+    assert m.prev_emb.weight[22].abs().sum() == 0
+    table = AD(ADConfig(n_transit=8, d_model=8, n_layer=1, n_head=2, state_embedding="table"))
+    assert table.state_emb.weight[81].abs().sum() == 0
