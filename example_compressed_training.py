@@ -1,0 +1,285 @@
+"""The whole workflow in one command: collect PPO histories, train standard and compressed AD on the same
+file, evaluate both in context on the held-out goals, and write the comparison report.
+
+    python example_compressed_training.py --mode all                      # defaults (a long CPU run)
+    python example_compressed_training.py --mode all train_timesteps=2000 compressed.lr=3e-4 --runs-root /tmp/runs
+
+Each stage runs collect.py / train.py / evaluate.py as a subprocess, so their progress bars show. Interrupt
+at any time and re-run the same command: finished stages are skipped.
+- collect: skipped when the history file opens and holds every goal asked for (all, or --goals);
+  an unreadable or incomplete file is collected again (collect.py --force keeps it until the new one is done).
+- train: skipped when the run reached train_timesteps (train_summary.json, or ckpt.pt's step); otherwise
+  train.py is called and resumes from ckpt.pt by itself.
+- evaluate: skipped when eval_summary.json is newer than ckpt.pt and used the same eval_* settings.
+- compare: always rewritten from the two runs (compare.write_report).
+Overrides `key=value` apply to every stage (collect.py gets the collection keys); `standard.key=value` or
+`compressed.key=value` apply to one mode only. Run dirs: RUNS_ROOT/<run_name>-seed<seed> (the names train.py
+uses under runs/); the report goes to RUNS_ROOT/compare/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import yaml
+
+from common import (
+    CONFIG_DIR,
+    DEFAULT_COLLECT_CONFIG,
+    HISTORY_FORMAT_VERSION,
+    ROOT,
+    SCHEMA,
+    UserError,
+    default_run_dir,
+    history_path,
+    load_config,
+    parse_overrides,
+    run_main,
+)
+
+MODEL_CONFIGS = {"standard": CONFIG_DIR / "model" / "ad_dr.yaml", "compressed": CONFIG_DIR / "model" / "ad_dr_compressed.yaml"}
+STAGES = {
+    "collect": ["collect"],
+    "train": ["train"],
+    "evaluate": ["evaluate"],
+    "compare": ["compare"],
+    "all": ["collect", "train", "evaluate", "compare"],
+}
+HISTORY_KEYS = ("grid_size", "n_steps", "horizon")  # what training needs the history file to agree on
+
+
+class Plan:
+    """Everything the stages share, resolved once from the command line."""
+
+    def __init__(self, overrides: list[str], goals: str | None, runs_root: Path, models: bool = True):
+        shared, per_mode = split_overrides(overrides)
+        collect_keys = set(load_config(DEFAULT_COLLECT_CONFIG))
+        self.collect_overrides = [o for o in shared if o.split("=", 1)[0].strip() in collect_keys]
+        self.collect_cfg = load_config(DEFAULT_COLLECT_CONFIG, self.collect_overrides)
+        self.overrides = {m: shared + per_mode[m] for m in MODEL_CONFIGS}  # strings, passed on as given
+        # collection alone needs no model config (and must not fail on, say, n_steps=20 without compress_interval=20)
+        self.cfgs = {m: load_config(path, self.overrides[m]) for m, path in MODEL_CONFIGS.items()} if models else {}
+        for k in sorted(collect_keys):  # both modes must read the very file collect writes
+            values = {self.collect_cfg[k], *(cfg[k] for cfg in self.cfgs.values())}
+            if len(values) > 1:
+                raise UserError(
+                    f"standard and compressed must train on the same history: '{k}' differs between them; "
+                    f"set it as {k}=value for both, not per mode"
+                )
+        self.history = history_path(self.collect_cfg)
+        self.goals_arg = goals
+        n_goals = self.collect_cfg["grid_size"] ** 2
+        try:
+            self.goals = sorted({int(g) for g in goals.split(",")}) if goals else list(range(n_goals))
+        except ValueError:
+            raise UserError(f"--goals must be comma-separated integers, got {goals!r}") from None
+        self.runs_root = runs_root
+        self.run_dirs = {m: runs_root / default_run_dir(cfg).name for m, cfg in self.cfgs.items()}
+        if models and self.run_dirs["standard"] == self.run_dirs["compressed"]:
+            raise UserError(
+                f"both modes would write to {self.run_dirs['standard']}: give them different run_name "
+                "(standard.run_name=... compressed.run_name=...)"
+            )
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """`key=value` for every mode, `standard.key=value` / `compressed.key=value` for one."""
+    shared, per_mode = [], {m: [] for m in MODEL_CONFIGS}
+    for item in items:
+        key = item.split("=", 1)[0]
+        prefix, _, rest = key.partition(".")
+        if rest and prefix in per_mode:
+            per_mode[prefix].append(item[len(prefix) + 1 :])
+        elif rest:
+            raise UserError(f"bad override '{item}': a mode prefix must be {' or '.join(MODEL_CONFIGS)}, e.g. compressed.lr=3e-4")
+        else:
+            shared.append(item)
+    for key in parse_overrides(shared) | parse_overrides([o for items in per_mode.values() for o in items]):
+        if key not in SCHEMA:  # checked here too, as --mode collect loads no model config that would catch it
+            raise UserError(f"unknown config key '{key}' (command-line override); valid keys: see config/*/*.yaml")
+    return shared, per_mode
+
+
+def say(stage: str, msg: str) -> None:
+    print(f"[{stage}] {msg}", flush=True)
+
+
+def run_stage(stage: str, script: str, args: list[str]) -> None:
+    """Run one repo script with this interpreter; its output (progress bars included) goes straight to the terminal."""
+    cmd = [sys.executable, str(ROOT / script), *args]
+    say(stage, "run: python " + " ".join([script, *args]))
+    start = time.perf_counter()
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise UserError(
+            f"stage '{stage}' failed: {script} exited with {rc} (its error is above); fix it and re-run "
+            "this command, finished stages are skipped"
+        )
+    say(stage, f"done in {time.perf_counter() - start:.0f} s")
+
+
+def history_problem(path: Path, goals: list[int], cfg: dict) -> str | None:
+    """None if `path` is a complete history holding `goals`, else what is wrong with it (to collect again)."""
+    if not path.exists():
+        return "does not exist"
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return "is unreadable (cut off or corrupt)"
+    with f:
+        if f.attrs.get("format_version") != HISTORY_FORMAT_VERSION:
+            return f"has format {f.attrs.get('format_version')}, not {HISTORY_FORMAT_VERSION}"
+        for k in HISTORY_KEYS:
+            if int(f.attrs.get(k, -1)) != cfg[k]:
+                raise UserError(
+                    f"history file {path} was collected with {k}={int(f.attrs.get(k, -1))}, but the config says "
+                    f"{k}={cfg[k]}: set {k}={int(f.attrs.get(k, -1))}, or traj_dir=<another dir> to collect a new one"
+                )
+        missing = [g for g in goals if str(g) not in f or not f[str(g)].attrs.get("complete", False)]
+    return f"is missing {len(missing)} of the {len(goals)} goals asked for" if missing else None
+
+
+def stage_collect(plan: Plan) -> None:
+    problem = history_problem(plan.history, plan.goals, plan.collect_cfg)
+    if problem is None:
+        say("collect", f"skip: {plan.history} is complete ({len(plan.goals)} goals)")
+        return
+    args = (["--goals", plan.goals_arg] if plan.goals_arg else []) + plan.collect_overrides
+    if plan.history.exists():
+        say("collect", f"{plan.history} {problem}: collecting again (the old file stays until the new one is complete)")
+        args = ["--force", *args]
+    else:
+        say("collect", f"no history at {plan.history}: collecting {len(plan.goals)} goals with PPO")
+    run_stage("collect", "collect.py", args)
+
+
+def saved_config(run_dir: Path) -> dict | None:
+    path = run_dir / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def trained_steps(run_dir: Path, target: int) -> int | None:
+    """Steps the run has reached: from train_summary.json, else (or if short of `target`) from ckpt.pt; None if neither."""
+    summary, ckpt = run_dir / "train_summary.json", run_dir / "ckpt.pt"
+    steps = int(json.loads(summary.read_text())["steps"]) if summary.is_file() else None
+    if (steps is None or steps < target) and ckpt.is_file():
+        import torch  # only here: importing torch costs seconds, and most finished runs have a summary
+
+        try:
+            steps = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
+        except Exception:
+            pass  # train.py explains an unreadable checkpoint better than we could
+    return steps
+
+
+def stage_train(plan: Plan) -> None:
+    for mode, cfg in plan.cfgs.items():
+        stage, run_dir = f"train {mode}", plan.run_dirs[mode]
+        steps = trained_steps(run_dir, cfg["train_timesteps"])
+        if steps is not None and steps >= cfg["train_timesteps"]:
+            saved = saved_config(run_dir)
+            if saved is not None and saved != cfg:
+                from train import config_diff  # the one rule for which keys may change (costs a torch import)
+
+                diff = config_diff(saved, cfg)
+                if diff:
+                    raise UserError(f"{run_dir} was trained with {diff}; use another --runs-root, or delete {run_dir} to retrain")
+            if not (run_dir / "train_summary.json").is_file():
+                say(
+                    stage,
+                    f"note: {run_dir} has a finished checkpoint but no train_summary.json (killed while finishing); "
+                    "the report needs it: delete the run dir to retrain",
+                )
+            say(stage, f"skip: {run_dir} is finished ({steps} of {cfg['train_timesteps']} steps)")
+            continue
+        if (run_dir / "ckpt.pt").exists():
+            say(stage, f"resuming {run_dir} from its checkpoint ({steps} of {cfg['train_timesteps']} steps)")
+        else:
+            say(stage, f"training {mode} AD from scratch in {run_dir} ({cfg['train_timesteps']} steps)")
+        run_stage(stage, "train.py", ["--config", str(MODEL_CONFIGS[mode]), "--run-dir", str(run_dir), *plan.overrides[mode]])
+
+
+def eval_staleness(run_dir: Path, cfg: dict) -> str | None:
+    """None if eval_summary.json is newer than ckpt.pt and used the eval settings asked for now, else why not."""
+    summary, ckpt = run_dir / "eval_summary.json", run_dir / "ckpt.pt"
+    if not summary.is_file():
+        return "not evaluated yet"
+    if not ckpt.is_file() or summary.stat().st_mtime <= ckpt.stat().st_mtime:
+        return "the checkpoint is newer than eval_summary.json"
+    try:
+        eval_config = json.loads(summary.read_text()).get("eval_config", {})
+    except json.JSONDecodeError:
+        return "eval_summary.json is unreadable"
+    changed = [f"{k} {v} -> {cfg.get(k)}" for k, v in eval_config.items() if cfg.get(k) != v]
+    return f"eval settings changed ({', '.join(changed)})" if changed else None
+
+
+def stage_evaluate(plan: Plan) -> None:
+    for mode, cfg in plan.cfgs.items():
+        stage, run_dir = f"evaluate {mode}", plan.run_dirs[mode]
+        why = eval_staleness(run_dir, cfg)
+        if why is None:
+            say(stage, f"skip: {run_dir / 'eval_summary.json'} is newer than the checkpoint")
+            continue
+        # evaluate.py rebuilds the model from the checkpoint's config; pass only the overrides that change it
+        # (eval_* settings; anything else is refused by evaluate.py with its own message)
+        trained = saved_config(run_dir) or {}
+        given = {item.split("=", 1)[0].strip(): item for item in plan.overrides[mode]}  # the last one of a key wins
+        args = [item for k, item in given.items() if trained.get(k, cfg[k]) != cfg[k]]
+        say(stage, f"{why}: evaluating {run_dir} in context on the held-out goals ({cfg['eval_episodes']} episodes)")
+        run_stage(stage, "evaluate.py", ["--run-dir", str(run_dir), *args])
+
+
+def stage_compare(plan: Plan) -> None:
+    from compare import write_report  # matplotlib is imported only when a report is written
+
+    out = plan.runs_root / "compare"
+    say("compare", f"report from {plan.run_dirs['standard']} and {plan.run_dirs['compressed']}")
+    write_report(plan.run_dirs["standard"], plan.run_dirs["compressed"], out)
+    print((out / "report.md").read_text())
+    for name in ("report.md", "report.json", "learning_curves.png", "per_goal.png"):
+        say("compare", f"wrote {out / name}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--mode",
+        choices=list(STAGES),
+        default="all",
+        help="collect: PPO histories; train: both models; evaluate: both models in context; "
+        "compare: the report; all: the four in order (default)",
+    )
+    parser.add_argument("--runs-root", default="runs", help="where the two run dirs and compare/ go (default: runs)")
+    parser.add_argument(
+        "--goals",
+        default=None,
+        help="comma-separated goals to collect (default: all); the history counts as complete when it holds these",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="[mode.]key=value",
+        help="config override for every stage, or for one mode with a standard./compressed. prefix",
+    )
+    args = parser.parse_intermixed_args()  # options may come after the key=value overrides
+    plan = Plan(args.overrides, args.goals, Path(args.runs_root), models=args.mode != "collect")
+    stages = {"collect": stage_collect, "train": stage_train, "evaluate": stage_evaluate, "compare": stage_compare}
+    start = time.perf_counter()
+    try:
+        for name in STAGES[args.mode]:
+            stages[name](plan)
+    except KeyboardInterrupt:
+        print("\ninterrupted: re-run the same command to resume (finished stages are skipped)", file=sys.stderr)
+        sys.exit(130)
+    print(f"--mode {args.mode} finished in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    run_main(main)
