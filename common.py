@@ -107,7 +107,7 @@ def validate(cfg: dict) -> dict:
             f"total_source_timesteps={cfg['total_source_timesteps']} is not a multiple of n_steps={cfg['n_steps']}; "
             "history regions are whole PPO rollouts"
         )
-    if "d_model" in cfg and cfg["d_model"] % cfg["n_head"]:
+    if "d_model" in cfg and "n_head" in cfg and cfg["d_model"] % cfg["n_head"]:
         raise UserError(f"d_model={cfg['d_model']} is not divisible by n_head={cfg['n_head']}")
     if cfg.get("use_compressed_context"):
         if cfg["compress_interval"] != cfg["n_steps"]:
