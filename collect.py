@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -23,8 +25,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
-from common import DEFAULT_COLLECT_CONFIG, HISTORY_FORMAT_VERSION, UserError, add_config_args, history_path
-from common import load_config, run_main
+from common import DEFAULT_COLLECT_CONFIG, HISTORY_FORMAT_VERSION, UserError, add_config_args, history_path, load_config, run_main
 from env import DarkroomVecEnv, goal_to_pos, optimal_return
 
 FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_start", "compress_end")
@@ -104,6 +105,15 @@ def _worker(args):
     return collect_goal(*args)
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux, a SIGKILLed collect.py takes its workers with it instead of leaving them
+    to burn a core on a goal nobody will write."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def region_returns(rewards: np.ndarray, n_steps: int, horizon: int) -> np.ndarray:
     """Mean episode return of each PPO rollout (region), averaged over streams: `[T // n_steps]`."""
     per_region = rewards.reshape(-1, n_steps, rewards.shape[1]).sum(1)  # [K, S]
@@ -123,36 +133,56 @@ def write_goal(f: h5py.File, goal: int, data: dict, cfg: dict) -> None:
     g.attrs["complete"] = True  # written last: a group without it was cut off by a kill
 
 
+def recover_goals(partial: Path, f: h5py.File, wanted: dict) -> set:
+    """Copy the complete, readable goals of an interrupted run's `.partial` file into `f`; returns them.
+
+    Copying into a fresh file, rather than appending to the old one, matters: a kill while a goal was being
+    written can leave HDF5 metadata half-updated, and only the goals that read back in full are kept."""
+    done = set()
+    try:
+        with h5py.File(partial, "r") as old:
+            if yaml.safe_load(old.attrs.get("collect_keys", "{}")) != wanted:
+                print(f"found {partial} from a different config: starting clean")
+                return done
+            for k in old:
+                try:
+                    if old[k].attrs.get("complete", False):
+                        for name in FIELDS:
+                            old[k][name][:]  # decompress every chunk: a damaged goal is collected again
+                        old.copy(old[k], f, name=k)
+                        done.add(int(k))
+                except Exception:  # any damage: this goal is collected again
+                    pass
+    except Exception:  # unreadable: the kill hit the file's own metadata
+        print(f"found unreadable {partial} (killed mid-write): starting clean")
+        return done
+    print(f"resuming interrupted collection: {len(done)} finished goals recovered from {partial}")
+    return done
+
+
 def open_partial(partial: Path, cfg: dict) -> tuple[h5py.File, set]:
-    """Open the `.partial` file of an interrupted run if it matches this config, else start clean."""
+    """Open a new `.partial` file, holding the finished goals of an interrupted run of this config if one exists."""
     wanted = {k: cfg[k] for k in COLLECT_KEYS}
-    if partial.exists():
-        try:
-            f = h5py.File(partial, "a")
-            if yaml.safe_load(f.attrs.get("collect_keys", "{}")) == wanted:
-                done = {int(k) for k in f if f[k].attrs.get("complete", False)}
-                print(f"resuming interrupted collection: {len(done)} goals already in {partial}")
-                return f, done
-            f.close()
-            print(f"found {partial} from a different config: starting clean")
-        except OSError:
-            print(f"found unreadable {partial} (killed mid-write): starting clean")
-        partial.unlink()
-    f = h5py.File(partial, "w")
-    f.attrs["format_version"] = HISTORY_FORMAT_VERSION
-    f.attrs["collect_keys"] = yaml.safe_dump(wanted)
-    f.attrs["config"] = yaml.safe_dump(cfg)
-    for k in ("grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps"):
-        f.attrs[k] = cfg[k]
-    return f, set()
+    fresh = partial.with_name(partial.name + ".new")
+    with h5py.File(fresh, "w") as f:
+        f.attrs["format_version"] = HISTORY_FORMAT_VERSION
+        f.attrs["collect_keys"] = yaml.safe_dump(wanted)
+        f.attrs["config"] = yaml.safe_dump(cfg)
+        for k in ("grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps"):
+            f.attrs[k] = cfg[k]
+        done = recover_goals(partial, f, wanted) if partial.exists() else set()
+    os.replace(fresh, partial)  # a kill before this line leaves the old .partial untouched
+    return h5py.File(partial, "a"), done
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, DEFAULT_COLLECT_CONFIG)
-    parser.add_argument("--force", action="store_true", help="replace an existing history file (kept until the new one is complete)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing history file (kept until the new one is complete)")
     parser.add_argument("--goals", default=None, help="comma-separated goal indices to collect (default: all goals)")
-    parser.add_argument("--out", default=None, help="output HDF5 path (default: <traj_dir>/history_<env>_<alg>_alg-seed<seed>.hdf5)")
+    parser.add_argument("--out", default=None,
+                        help="output HDF5 path (default: <traj_dir>/history_<env>_<alg>_alg-seed<seed>.hdf5)")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     n_goals = cfg["grid_size"] ** 2
@@ -161,9 +191,10 @@ def main():
             goals = sorted({int(g) for g in args.goals.split(",")})
         except ValueError:
             raise UserError(f"--goals must be comma-separated integers, got {args.goals!r}") from None
-        for g in goals:
-            goal_to_pos(g, cfg["grid_size"]) if 0 <= g < n_goals else (_ for _ in ()).throw(
-                UserError(f"goal {g} is outside the {cfg['grid_size']}x{cfg['grid_size']} grid: use 0..{n_goals - 1}"))
+        outside = [g for g in goals if not 0 <= g < n_goals]
+        if outside:
+            G = cfg["grid_size"]
+            raise UserError(f"--goals {outside[0]} is outside the {G}x{G} grid: use 0..{n_goals - 1}")
     else:
         goals = list(range(n_goals))
     out = Path(args.out) if args.out else history_path(cfg)
@@ -182,13 +213,14 @@ def main():
         if n_proc == 1:
             results = map(_worker, jobs)
         else:
-            pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(n_proc)
+            pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(n_proc, initializer=_die_with_parent)
             results = pool.imap_unordered(_worker, jobs)
         for goal, data, secs in results:
             write_goal(f, goal, data, cfg)
             f.flush()
             ret = region_returns(data["rewards"], cfg["n_steps"], cfg["horizon"])
-            bar.set_postfix(goal=goal, final=f"{ret[-1]:.1f}/{optimal_return(goal, cfg['grid_size'], cfg['horizon'])}", s=f"{secs:.1f}")
+            best = optimal_return(goal, cfg["grid_size"], cfg["horizon"])
+            bar.set_postfix(goal=goal, final=f"{ret[-1]:.1f}/{best}", s=f"{secs:.1f}")
             bar.update()
         bar.close()
         if n_proc > 1:

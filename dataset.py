@@ -44,7 +44,8 @@ def load_history(path: Path, cfg: dict, goals: list[int], need_markers: bool) ->
         raise UserError(f"history file {path} is truncated or corrupt; delete it and re-run collect.py") from None
     with f:
         if f.attrs.get("format_version") != HISTORY_FORMAT_VERSION:
-            raise UserError(f"history file {path} has format {f.attrs.get('format_version')}, expected {HISTORY_FORMAT_VERSION}; re-run collect.py")
+            raise UserError(f"history file {path} has format {f.attrs.get('format_version')}, expected "
+                            f"{HISTORY_FORMAT_VERSION}; re-run collect.py")
         for key in ("grid_size", "n_steps", "horizon"):
             if int(f.attrs[key]) != cfg[key]:
                 raise UserError(f"history file {path} was collected with {key}={int(f.attrs[key])} but the config says "
@@ -55,8 +56,9 @@ def load_history(path: Path, cfg: dict, goals: list[int], need_markers: bool) ->
                 continue
             try:
                 d = {k: f[str(g)][k][:] for k in FIELDS}
-            except (KeyError, OSError):
-                raise UserError(f"history file {path} is truncated or corrupt (goal {g}); delete it and re-run collect.py") from None
+            except Exception:  # KeyError, OSError, ValueError...: whatever a damaged file raises
+                msg = f"history file {path} is truncated or corrupt (goal {g}); delete it and re-run collect.py"
+                raise UserError(msg) from None
             state_ids, prev_ids = stream_tokens(d["states"], d["actions"], d["rewards"], d["dones"], cfg["grid_size"])
             out[g] = {"state_ids": state_ids.astype(np.int16), "prev_ids": prev_ids.astype(np.int16),
                       "actions": d["actions"].astype(np.int64), "compress_end": d["compress_end"]}
@@ -68,7 +70,8 @@ def load_history(path: Path, cfg: dict, goals: list[int], need_markers: bool) ->
 def region_bounds(cstart: np.ndarray, cend: np.ndarray, path, goal) -> np.ndarray:
     """Region k spans steps [starts[k], ends[k]] (inclusive) in every stream: from the markers."""
     if not cstart.any() or not cend.any():
-        raise UserError(f"No compression markers found: re-run collect.py ({path} has none)")
+        raise UserError(f"history file {path} has no compression markers (compress_start/compress_end), which compressed "
+                        "mode needs; re-run collect.py")
     if not ((cstart == cstart[:, :1]).all() and (cend == cend[:, :1]).all()):
         raise UserError(f"compression markers in {path} goal {goal} differ between streams; re-run collect.py")
     starts, ends = np.flatnonzero(cstart[:, 0]), np.flatnonzero(cend[:, 0])
@@ -95,7 +98,8 @@ class HistoryDataset(IterableDataset):
             regions = self.data[self.goals[0]]["regions"]
             longest = (regions[:, 1] - regions[:, 0]).max()
             if 2 * longest + 3 > self.n_transit:
-                raise UserError(f"n_transit={self.n_transit} is too small for region pairs of {longest} steps: set n_transit>={2 * longest + 3}")
+                raise UserError(f"n_transit={self.n_transit} is too small for region pairs of {longest} steps: "
+                                f"set n_transit>={2 * longest + 3}")
 
     def __iter__(self):
         while True:

@@ -33,18 +33,22 @@ SLACK = 3  # cache slots beyond n_transit: a step may append </compress>, <compr
 def load_run(run_dir: Path, overrides: list[str], device) -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from `run_dir/ckpt.pt` (its config is inside); overrides may change eval keys only."""
     if not run_dir.is_dir():
-        raise UserError(f"run dir {run_dir} does not exist; pass --run-dir of a trained run (see `ls runs/`)")
+        what = "is not a directory" if run_dir.exists() else "does not exist"
+        raise UserError(f"run dir {run_dir} {what}; pass --run-dir of a trained run (see `ls runs/`)")
     path = run_dir / "ckpt.pt"
     if not path.exists():
         raise UserError(f"no checkpoint in {run_dir}; train first: python train.py --run-dir {run_dir}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict):
+            raise TypeError("not a dict")
         cfg = dict(ckpt["config"])
         model = MODEL[cfg["model"]](ADConfig.from_dict(cfg))
         model.load_state_dict(ckpt["model"])
     except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable or does not match its model ({e.__class__.__name__}); retrain") from None
-    from common import parse_overrides, _check_type
+        raise UserError(f"checkpoint {path} is unreadable or does not match its model ({e.__class__.__name__}); "
+                        "retrain") from None
+    from common import _check_type, parse_overrides
 
     for k, v in parse_overrides(overrides).items():
         if k not in EVAL_KEYS:
@@ -265,7 +269,8 @@ def print_table(s: dict) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=None, help="trained run (default: the run dir of --config, runs/AD-darkroom-seed0)")
-    parser.add_argument("--config", default=None, help="config whose default run dir to evaluate (default: config/model/ad_dr.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="config whose default run dir to evaluate (default: config/model/ad_dr.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"override eval keys: {', '.join(EVAL_KEYS)}")
     args = parser.parse_args()
     if args.run_dir:

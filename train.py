@@ -9,6 +9,8 @@ Resumes automatically from DIR/ckpt.pt; refuses to touch a finished run unless -
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import json
 import math
 import os
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -35,6 +38,7 @@ RESUMABLE_KEYS = {
     "eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache",
 }
 METRICS = ("loss_action", "acc_action", "loss_token_type", "acc_token_type")
+COUNTS = ("n_true_positive", "n_pred_end", "n_true_end")  # </compress> counts (compressed mode)
 
 
 def lr_lambda(cfg: dict):
@@ -51,33 +55,70 @@ def lr_lambda(cfg: dict):
 
 
 class MetricSum:
-    """Sums per-batch metrics (weighted by targets) and </compress> counts; reduced over ranks."""
+    """Sums per-batch metrics (weighted by targets) and </compress> counts; reduced over ranks.
 
-    def __init__(self):
-        self.s: dict[str, float] = {}
+    The key set is fixed by the mode, not by what a rank happened to see, so every rank joins the same
+    all-reduce even when it had no batch (e.g. `test_batches` < number of processes)."""
+
+    def __init__(self, compressed: bool):
+        self.keys = [*METRICS, *COUNTS, "n"] if compressed else [*METRICS[:2], "n"]
+        self.s = dict.fromkeys(self.keys, 0.0)
 
     def add(self, out: dict) -> None:
         n = float(out["n_targets"])
-        for k in METRICS:
-            if k in out:
-                self.s[k] = self.s.get(k, 0.0) + float(out[k]) * n
-        self.s["n"] = self.s.get("n", 0.0) + n
-        for k in ("n_true_positive", "n_pred_end", "n_true_end"):
-            if k in out:
-                self.s[k] = self.s.get(k, 0.0) + float(out[k])
+        for k in self.keys:
+            if k in METRICS:
+                self.s[k] += float(out[k]) * n
+            elif k in COUNTS:
+                self.s[k] += float(out[k])
+        self.s["n"] += n
 
     def result(self, accelerator: Accelerator) -> dict:
-        keys = sorted(self.s)
-        if not keys:
+        vec = torch.tensor([self.s[k] for k in self.keys], dtype=torch.float64, device=accelerator.device)
+        s = dict(zip(self.keys, accelerator.reduce(vec, "sum").tolist(), strict=True))
+        self.s = dict.fromkeys(self.keys, 0.0)
+        if s["n"] == 0:
             return {}
-        tot = accelerator.reduce(torch.tensor([self.s[k] for k in keys], dtype=torch.float64, device=accelerator.device), "sum")
-        s = dict(zip(keys, tot.tolist()))
         res = {k: s[k] / s["n"] for k in METRICS if k in s}
         if "n_true_end" in s:
             res["precision_compress_end"] = s["n_true_positive"] / max(s["n_pred_end"], 1.0)
             res["recall_compress_end"] = s["n_true_positive"] / max(s["n_true_end"], 1.0)
-        self.s = {}
         return res
+
+
+def build(cfg: dict):
+    """Model, optimiser and LR schedule. The initial weights depend on `seed` only, so every rank builds the
+    same model (DDP would broadcast rank 0's anyway) and tests can rebuild it."""
+    torch.manual_seed(cfg["seed"])
+    model = MODEL[cfg["model"]](ADConfig.from_dict(cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return model, opt, sched
+
+
+def rng_state() -> dict:
+    """This process's random generators; the checkpoint holds one such dict per rank."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def weights_digest(state_dict: dict) -> str:
+    """SHA-256 of a state dict's names and exact bytes: equal on all ranks iff DDP kept the replicas in sync."""
+    h = hashlib.sha256()
+    for k, v in state_dict.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -86,19 +127,54 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)  # a kill during torch.save never leaves a corrupt ckpt.pt
 
 
-def check_resume(ckpt_cfg: dict, cfg: dict, run_dir: Path) -> None:
-    diff = [k for k in sorted(set(cfg) | set(ckpt_cfg)) if k not in RESUMABLE_KEYS and ckpt_cfg.get(k) != cfg.get(k)]
+def config_diff(old: dict, cfg: dict) -> str | None:
+    """The first key (other than RESUMABLE_KEYS) on which a saved run's config and this one differ, as text."""
+    diff = [k for k in sorted(set(cfg) | set(old)) if k not in RESUMABLE_KEYS and old.get(k) != cfg.get(k)]
+    return f"{diff[0]}={old.get(diff[0])!r}, not {cfg.get(diff[0])!r}" if diff else None
+
+
+def load_checkpoint(ckpt_path: Path, cfg: dict, run_dir: Path) -> dict:
+    """Read the checkpoint a run resumes from, refusing one that is unreadable, foreign or finished."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict):
+            raise TypeError("not a dict")
+        diff = config_diff(ckpt["config"], cfg)
+        step = int(ckpt["step"])
+        _ = ckpt["model"], ckpt["optimizer"], ckpt["scheduler"]
+    except Exception as e:
+        raise UserError(f"checkpoint {ckpt_path} is unreadable or not a train.py checkpoint ({e.__class__.__name__}); "
+                        "move it away, use another --run-dir, or pass --force to start over") from None
     if diff:
-        k = diff[0]
-        raise UserError(f"checkpoint in {run_dir} was trained with {k}={ckpt_cfg.get(k)!r}, not {cfg.get(k)!r}; "
-                        "use another --run-dir (or --force to start over)")
+        raise UserError(f"checkpoint in {run_dir} was trained with {diff}; use another --run-dir (or --force to start over)")
+    if step >= cfg["train_timesteps"]:
+        raise UserError(f"run {run_dir} is already finished ({step} steps); use another --run-dir, "
+                        "raise train_timesteps to continue it, or pass --force to start over")
+    return ckpt
+
+
+def check_fresh_run_dir(run_dir: Path, cfg: dict) -> bool:
+    """May a run start from step 0 in `run_dir` (which has no checkpoint)? True if it holds a run of this same
+    config that was stopped before its first checkpoint; an empty or missing dir is fine; anything else is refused."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return False
+    saved = run_dir / "config.yaml"
+    try:
+        old = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+    except yaml.YAMLError:
+        old = None
+    same = isinstance(old, dict) and config_diff(old, cfg) is None
+    if not same:
+        raise UserError(f"run dir {run_dir} exists and holds no checkpoint of this config; use another --run-dir or pass --force")
+    return True
 
 
 @torch.no_grad()
 def test_metrics(model, test_data: HistoryDataset, cfg: dict, accelerator: Accelerator) -> dict:
-    """Teacher-forced metrics on the held-out goals' histories (same batches every time, split over ranks)."""
+    """Teacher-forced metrics on the held-out goals' histories (same batches every time, split over ranks).
+    `model` is the unwrapped module: ranks see different numbers of batches, so no DDP forward here."""
     model.eval()
-    m = MetricSum()
+    m = MetricSum(cfg["use_compressed_context"])
     for i in range(accelerator.process_index, cfg["test_batches"], accelerator.num_processes):
         batch = {k: v.to(accelerator.device) for k, v in test_data.batch(i).items()}
         with accelerator.autocast():
@@ -119,48 +195,55 @@ def main():
     main_proc = accelerator.is_main_process
 
     # ---- resume or start ---------------------------------------------------------------------------------
+    # Every rank reads the run dir and reaches the same decision; nothing is written before the barrier below.
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file, not a directory; pass a directory")
     ckpt_path = run_dir / CKPT
-    ckpt = None
-    if ckpt_path.exists() and not args.force:
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception:
-            raise UserError(f"checkpoint {ckpt_path} is unreadable; move it away or pass --force to start over") from None
-        check_resume(ckpt["config"], cfg, run_dir)
-        if ckpt["step"] >= cfg["train_timesteps"]:
-            raise UserError(f"run {run_dir} is already finished ({ckpt['step']} steps); use another --run-dir, "
-                            "raise train_timesteps to continue it, or pass --force to start over")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not args.force and not ckpt_path.exists():
-        raise UserError(f"run dir {run_dir} exists and holds no checkpoint; use another --run-dir or pass --force")
+    ckpt = load_checkpoint(ckpt_path, cfg, run_dir) if ckpt_path.exists() and not args.force else None
+    restart = not ckpt and not args.force and check_fresh_run_dir(run_dir, cfg)
     start_step = ckpt["step"] if ckpt else 0
 
     seed = cfg["seed"]
-    torch.manual_seed(seed + accelerator.process_index)
-    random.seed(seed)
-    np.random.seed(seed)
     hist = history_path(cfg)
     train_data = HistoryDataset(hist, cfg, "train", cfg["train_batch_size"], seed, accelerator.process_index, start_step)
     test_data = HistoryDataset(hist, cfg, "test", cfg["train_batch_size"], seed + 10_000)
 
-    model = MODEL[cfg["model"]](ADConfig.from_dict(cfg))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    model, opt, sched = build(cfg)
+    torch.manual_seed(seed + accelerator.process_index)  # dropout differs per rank
+    random.seed(seed)
+    np.random.seed(seed)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {ckpt_path} does not fit the model of its config ({e.__class__.__name__}); "
+                            "move it away or pass --force to start over") from None
+        rngs = ckpt.get("rng") or []
+        rngs = [rngs] if isinstance(rngs, dict) else rngs  # older checkpoints hold rank 0's generators only
+        if len(rngs) == accelerator.num_processes:
+            set_rng_state(rngs[accelerator.process_index])
+        elif main_proc:
+            print(f"note: checkpoint written by {len(rngs)} process(es), resuming with {accelerator.num_processes}: "
+                  "random generators re-seeded and each rank draws a new data stream")
     # the scheduler is stepped by hand once per optimiser step (accelerate would step it N times under DDP)
     model, opt = accelerator.prepare(model, opt)
-    loader = torch.utils.data.DataLoader(train_data, batch_size=None)
+    raw_model = accelerator.unwrap_model(model)  # what is saved and tested: no DDP wrapper, no "module." prefix
+    # its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, which would
+    # shift the dropout stream of a resumed run away from the uninterrupted one
+    loader = torch.utils.data.DataLoader(train_data, batch_size=None, generator=torch.Generator().manual_seed(seed))
+    accelerator.wait_for_everyone()
 
     writer = None
     if main_proc:
+        if restart:
+            print(f"no checkpoint in {run_dir} yet (stopped before the first one): starting again from step 0")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
-        writer = SummaryWriter(str(run_dir))
+        # purge_step: TensorBoard drops the events past the checkpoint that a killed session left, so the curve
+        # continues from the checkpoint without duplicate steps (and a fresh start hides an old run's curve)
+        writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if ckpt else 0)
         if not ckpt:
             table = "\n".join(f"| {k} | {v} |" for k, v in cfg.items())
             writer.add_text("hparams", "| key | value |\n|---|---|\n" + table, 0)
@@ -171,23 +254,25 @@ def main():
               f"history {hist}")
 
     def save(step: int):
+        rngs = gather_object([rng_state()])  # every rank's generators, so that each continues where it was
         if main_proc:
+            writer.flush()  # the logged curve up to `step` reaches the disk before the checkpoint that resumes it
             atomic_save({
-                "model": accelerator.unwrap_model(model).state_dict(),
+                "model": raw_model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "step": step,
                 "config": cfg,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "rng": rngs,
             }, ckpt_path)
         accelerator.wait_for_everyone()
 
-    running, last_test = MetricSum(), {}
+    running, last_test = MetricSum(cfg["use_compressed_context"]), {}
     bar = tqdm(total=cfg["train_timesteps"], initial=start_step, desc="train", disable=not main_proc, unit="step")
     t_start, n_targets, step = time.perf_counter(), 0, start_step
     t_log, targets_log = t_start, 0
     model.train()
-    for step, batch in zip(range(start_step, cfg["train_timesteps"]), loader):
+    for step, batch in zip(range(start_step, cfg["train_timesteps"]), loader, strict=False):  # the loader never ends
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         with accelerator.autocast():
             out = model(batch)
@@ -213,7 +298,7 @@ def main():
                 bar.set_postfix(loss=f"{res['loss_action']:.3f}", acc=f"{res['acc_action']:.3f}")
             t_log, targets_log = now, 0
         if done % cfg["test_interval"] == 0 or done == cfg["train_timesteps"]:
-            res = last_test = test_metrics(model, test_data, cfg, accelerator)
+            res = last_test = test_metrics(raw_model, test_data, cfg, accelerator)
             if main_proc:
                 for k, v in res.items():
                     writer.add_scalar(f"test/{k}", v, done)
@@ -225,6 +310,7 @@ def main():
 
     elapsed = time.perf_counter() - t_start
     steps_done = cfg["train_timesteps"] - start_step
+    digests = gather_object([weights_digest(raw_model.state_dict())])  # one per rank; DDP keeps them equal
     if main_proc:
         summary = {
             "steps": cfg["train_timesteps"],
@@ -234,13 +320,21 @@ def main():
             "targets_per_s": n_targets * accelerator.num_processes / elapsed,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "num_processes": accelerator.num_processes,
+            "weights_sha256_per_rank": digests,
             **{f"test/{k}": v for k, v in last_test.items()},
         }
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         writer.close()
         print(f"done: {steps_done} steps in {elapsed:.0f} s ({summary['steps_per_s']:.2f} steps/s, "
               f"{summary['targets_per_s']:.0f} targets/s); checkpoint {ckpt_path}")
+    # Free the DDP wrapper (it holds the process group) on every rank before the group is destroyed together;
+    # left to interpreter exit, gloo's threads die with `terminate called without an active exception`.
+    accelerator.wait_for_everyone()
+    model, opt = accelerator.free_memory(model, opt)
+    gc.collect()  # the wrapper sits in reference cycles
     accelerator.end_training()
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks ended with different weights ({digests}): the DDP replicas diverged")
 
 
 if __name__ == "__main__":
