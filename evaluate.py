@@ -58,7 +58,11 @@ def load_run(run_dir: Path, overrides: list[str], device) -> tuple[torch.nn.Modu
 
 
 class Contexts:
-    """Per-stream token sequences (right-padded), with the key/value cache that covers their prefix."""
+    """Per-stream token sequences (right-padded, `cap` slots), with the key/value cache that covers their prefix.
+
+    Everything is batched over streams: `append` and `drop_front` take a tensor of rows, and `logits` rebuilds the
+    cache of every pruned / shifted stream in one `prefill` and appends the new tokens of all others in one `extend`.
+    """
 
     def __init__(self, model, n: int, cap: int, grid_size: int, device):
         self.model, self.cap, self.device = model, cap, device
@@ -67,59 +71,59 @@ class Contexts:
         self.state = torch.full((n, cap), self.pad_state, dtype=torch.long, device=device)
         self.prev = torch.full((n, cap), PAD_PREV, dtype=torch.long, device=device)
         self.length = torch.zeros(n, dtype=torch.long, device=device)
-        self.cached = torch.zeros(n, dtype=torch.long, device=device)  # tokens covered by the cache
-        self.cache = None
+        self.cached = torch.zeros(n, dtype=torch.long, device=device)  # tokens covered by the cache; 0 = rebuild
+        self.cache = None  # allocated on the first cached `logits`
+        self.all_rows = torch.arange(n, device=device)
+        self.slot_idx = torch.arange(cap, device=device)
         self.recomputed = 0  # streams whose cache was rebuilt (for the benchmark)
 
     def append(self, rows, type_id: int, state=None, prev=None):
+        """Append one token to each stream in `rows` (all streams if None)."""
+        rows = self.all_rows if rows is None else rows
         at = self.length[rows]
         self.type[rows, at] = type_id
         self.state[rows, at] = state if state is not None else self.pad_state
         self.prev[rows, at] = prev if prev is not None else PAD_PREV
         self.length[rows] += 1
 
-    def drop_front(self, row: int, n: int):
-        """Drop the oldest `n` tokens of one stream; positions restart at 0, so its cache is invalid."""
-        L = int(self.length[row])
+    def drop_front(self, rows, n):
+        """Drop the oldest `n` (int or (R,)) tokens of each stream in `rows`; positions restart at 0, so their cache
+        is rebuilt at the next `logits`. Slots past the new length keep stale tokens, which nothing reads."""
+        src = (self.slot_idx[None] + torch.as_tensor(n, device=self.device).view(-1, 1)).clamp(max=self.cap - 1)
+        src = src.expand(len(rows), self.cap)  # (R, cap): new slot j holds old slot j + n
         for buf in (self.type, self.state, self.prev):
-            buf[row, : L - n] = buf[row, n:L].clone()
-        self.length[row] -= n
-        self.cached[row] = 0
+            buf[rows] = buf[rows].gather(1, src)
+        self.length[rows] -= n
+        self.cached[rows] = 0
 
     def logits(self, use_cache: bool):
         """Logits (action, token type) at each stream's newest token."""
         if not use_cache:
             T = int(self.length.max())
             h, _ = self.model.trunk(self.type[:, :T], self.state[:, :T], self.prev[:, :T])
-            return self.model.heads(h[torch.arange(len(h)), self.length - 1])
-        stale = (self.cached == 0).nonzero().flatten()
+            return self.model.heads(h[self.all_rows, self.length - 1])
         if self.cache is None:
-            stale = torch.arange(len(self.length), device=self.device)
-        out = None
-        if len(stale):  # rebuild the cache of pruned / shifted / new streams from their full context
+            self.cache = self.model.new_cache(len(self.length), self.cap)
+        stale = (self.cached == 0).nonzero().flatten()
+        n_stale, B = len(stale), len(self.length)
+        if n_stale:  # rebuild the cache of pruned / shifted / new streams from their full context
+            rows = None if n_stale == B else stale  # all streams: plain slices, no gather / scatter
             T = int(self.length[stale].max())
-            (la, lt), sub = self.model.prefill(self.type[stale, :T], self.state[stale, :T], self.prev[stale, :T],
-                                               self.length[stale], self.cap)
-            if self.cache is None:
-                self.cache = sub
-            else:
-                for (K, V), (k, v) in zip(self.cache, sub):
-                    K[stale], V[stale] = k, v
+            sel = slice(None) if rows is None else stale
+            sla, slt = self.model.prefill(self.type[sel, :T], self.state[sel, :T], self.prev[sel, :T], self.length[stale],
+                                          self.cache, rows)
             self.cached[stale] = self.length[stale]
-            self.recomputed += len(stale)
-            if len(stale) == len(self.length):
-                return la, lt
-            out = (stale, la, lt)
-        fresh = (self.cached < self.length).nonzero().flatten()  # streams with new tokens to append
-        n_new = self.length - self.cached
+            self.recomputed += n_stale
+            if n_stale == B:
+                return sla, slt
+        n_new = self.length - self.cached  # 0 for streams rebuilt above: they ride along as padding
         N = int(n_new.max())
         pos = self.cached[:, None] + torch.arange(N, device=self.device)[None]  # (B, N), past the end = padding
         idx = pos.clamp(max=self.cap - 1)
         la, lt = self.model.extend(self.type.gather(1, idx), self.state.gather(1, idx), self.prev.gather(1, idx),
                                    pos, n_new.clamp(min=1), self.cache)
-        self.cached[fresh] = self.length[fresh]
-        if out is not None:  # streams rebuilt above take the prefill's logits
-            stale, sla, slt = out
+        self.cached.copy_(self.length)
+        if n_stale:  # streams rebuilt above take the prefill's logits
             la[stale] = sla
             if lt is not None:
                 lt[stale] = slt
@@ -132,19 +136,20 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
                    device="cpu") -> dict:
     """Roll out `len(goals) * n_streams` streams for `n_episodes` episodes each, learning in context only."""
     G, H = cfg["grid_size"], cfg["horizon"]
-    compressed, interval = cfg["use_compressed_context"], cfg["compress_interval"]
-    n_transit, max_regions = cfg["n_transit"], cfg["max_regions"]
+    compressed, n_transit, max_regions = cfg["use_compressed_context"], cfg["n_transit"], cfg["max_regions"]
     B = len(goals) * n_streams
     goal_pos = np.repeat(np.array([goal_to_pos(g, G) for g in goals]), n_streams, axis=0)  # [B, 2], goal-major
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ctx = Contexts(model, B, n_transit + SLACK, G, device)
-    all_rows = torch.arange(B, device=device)
+    shift = min(cfg["eval_window_shift"], n_transit)
     # longest region the model may keep open: two of them (with markers) must fit in n_transit positions
     max_region_len = (n_transit + 1) // max_regions - 2
-    region_starts: list[list[int]] = [[0] for _ in range(B)]  # index of each kept region's <compress>
+    # index of each kept region's <compress> (first n_regions[b] columns; one spare for the region being opened)
+    region_starts = np.zeros((B, max_regions + 1), dtype=np.int64)
+    n_regions = np.ones(B, dtype=np.int64)
     region_len = np.zeros(B, dtype=np.int64)
     if compressed:
-        ctx.append(all_rows, COMPRESS_START)
+        ctx.append(None, COMPRESS_START)
 
     n_total = n_episodes * H
     pos = np.tile(np.array(start_pos(G)), (B, 1))
@@ -158,11 +163,10 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
     logits_log = []
     for t in tqdm(range(n_total), desc="in-context steps", disable=not progress, mininterval=2):
         if not compressed and int(ctx.length[0]) >= n_transit:  # FIFO: all streams share one length
-            for b in range(B):
-                ctx.drop_front(b, min(cfg["eval_window_shift"], n_transit))
-        state_ids = torch.as_tensor(encode_state(pos, G), device=device)
-        prev_ids = torch.as_tensor(encode_prev(prev_a, prev_r, ep_start), device=device)
-        ctx.append(all_rows, STEP, state_ids, prev_ids)
+            ctx.drop_front(ctx.all_rows, shift)
+        state_ids = torch.from_numpy(encode_state(pos, G)).to(device)
+        prev_ids = torch.from_numpy(encode_prev(prev_a, prev_r, ep_start)).to(device)
+        ctx.append(None, STEP, state_ids, prev_ids)
         logits_a, logits_t = ctx.logits(use_cache)
         if record_logits:
             logits_log.append(torch.cat([logits_a] + ([logits_t] if logits_t is not None else []), -1).cpu())
@@ -180,17 +184,24 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
         if compressed:
             region_len += 1
             says_end = (logits_t.argmax(-1) == COMPRESS_END).cpu().numpy()
-            for b in np.flatnonzero(says_end | (region_len >= max_region_len)):
-                (closes if says_end[b] else forced)[b].append(t)
-                ctx.append(all_rows[b : b + 1], COMPRESS_END)
-                if len(region_starts[b]) + 1 > max_regions:  # the new region would exceed the budget
-                    drop = region_starts[b][1]
-                    ctx.drop_front(b, drop)
-                    region_starts[b] = [s - drop for s in region_starts[b][1:]]
-                    prunes[b].append(t)
-                region_starts[b].append(int(ctx.length[b]))
-                ctx.append(all_rows[b : b + 1], COMPRESS_START)
-                region_len[b] = 0
+            closing = np.flatnonzero(says_end | (region_len >= max_region_len))
+            if len(closing):  # all closing streams at once: </compress>, prune the oldest region if over budget, <compress>
+                for b in closing:
+                    (closes if says_end[b] else forced)[b].append(t)
+                rows = torch.from_numpy(closing).to(device)
+                ctx.append(rows, COMPRESS_END)
+                region_starts[closing, n_regions[closing]] = ctx.length[rows].cpu().numpy()  # where <compress> goes
+                n_regions[closing] += 1
+                over = closing[n_regions[closing] > max_regions]
+                if len(over):
+                    drop = region_starts[over, 1].copy()  # everything before the second kept region
+                    ctx.drop_front(torch.from_numpy(over).to(device), torch.from_numpy(drop).to(device))
+                    region_starts[over, :-1] = region_starts[over, 1:] - drop[:, None]
+                    n_regions[over] -= 1
+                    for b in over:
+                        prunes[b].append(t)
+                ctx.append(rows, COMPRESS_START)
+                region_len[closing] = 0
     returns = rewards.reshape(B, n_episodes, H).sum(-1).astype(np.float64)  # [B, n_episodes]
     out = {"returns": returns.reshape(len(goals), n_streams, n_episodes), "rewards": rewards,
            "closes": closes, "forced_closes": forced, "prunes": prunes, "recomputed": ctx.recomputed}

@@ -69,21 +69,26 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(c.d_model, 4 * c.d_model), nn.GELU(), nn.Linear(4 * c.d_model, c.d_model))
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x, kv=None, pos=None, mask=None):
-        """x: (B, T, D). Without `kv`: causal attention over x. With `kv` = (K, V) caches (B, H, L, Dh):
-        the new keys/values are written at `pos` (B, T) and queries attend under `mask` (B, 1, T, L)."""
+    def forward(self, x, kv=None, slots=None, bias=None):
+        """x: (B, T, D). Without `kv`: causal attention over x. With `kv` = (K, V) caches (B, H, L, Dh): the new
+        keys/values are written at the flat row indices `slots` (B*H*T,) of the caches seen as (B*H*L, Dh), and
+        queries attend to all L slots under the additive mask `bias` (B*H, T, L) (0 = visible, -inf = not)."""
         B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        H = self.n_head
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
         drop = self.dropout if self.training else 0.0
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
             new_kv = (k, v)
         else:
+            # Decoding a few tokens per stream: explicit bmm attention over the whole (contiguous) cache is faster on
+            # CPU than SDPA's flash kernel with a mask, and slicing the cache to the used length makes bmm copy it.
             K, V = kv
-            idx = pos[:, None, :, None].expand(B, K.shape[1], T, K.shape[3])
-            K.scatter_(2, idx, k)
-            V.scatter_(2, idx, v)
-            y = F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+            L, Dh = K.shape[2], K.shape[3]
+            K.view(-1, Dh).index_copy_(0, slots, k.reshape(-1, Dh))
+            V.view(-1, Dh).index_copy_(0, slots, v.reshape(-1, Dh))
+            att = torch.baddbmm(bias, q.reshape(B * H, T, Dh), K.view(B * H, L, Dh).transpose(1, 2), alpha=Dh**-0.5)
+            y = torch.bmm(att.softmax(-1), V.view(B * H, L, Dh)).view(B, H, T, Dh)
             new_kv = (K, V)
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, D)))
         x = x + self.drop(self.mlp(self.ln2(x)))
@@ -161,32 +166,43 @@ class AD(nn.Module):
         return out
 
     # ---- inference with a key/value cache -------------------------------------------------------------
+    def new_cache(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Empty per-layer (K, V) caches of `length` slots, (batch, H, length, Dh) each."""
+        c = self.config
+        w = self.head_action.weight
+        shape = (batch, c.n_head, length, c.d_model // c.n_head)
+        return [(w.new_zeros(shape), w.new_zeros(shape)) for _ in range(c.n_layer)]
+
     @torch.no_grad()
-    def prefill(self, type_ids, state_ids, prev_ids, lengths, cache_len: int):
-        """Recompute the cache from full contexts (B, T) of `lengths` (B,) tokens each.
-        Returns (logits at each stream's last token, cache); the cache holds `cache_len` slots."""
-        B, T = type_ids.shape
+    def prefill(self, type_ids, state_ids, prev_ids, lengths, cache, rows=None):
+        """Recompute the cache of streams `rows` (all if None) from their full contexts (R, T) of `lengths` (R,)
+        tokens each, writing slots [0, T) in place; returns logits at each stream's last token."""
+        R, T = type_ids.shape
         h, kvs = self.trunk(type_ids, state_ids, prev_ids)
-        cache = []
-        for k, v in kvs:
-            K = k.new_zeros(B, k.shape[1], cache_len, k.shape[3])
-            V = torch.zeros_like(K)
-            K[:, :, :T], V[:, :, :T] = k, v
-            cache.append((K, V))
-        last = h[torch.arange(B), lengths - 1]  # (B, D)
-        return self.heads(last), cache
+        for (K, V), (k, v) in zip(cache, kvs, strict=True):
+            if rows is None:
+                K[:, :, :T], V[:, :, :T] = k, v
+            else:
+                K[rows, :, :T], V[rows, :, :T] = k, v
+        last = h[torch.arange(R), lengths - 1]  # (R, D)
+        return self.heads(last)
 
     @torch.no_grad()
     def extend(self, type_ids, state_ids, prev_ids, pos, n_new, cache):
         """Append `n_new` (B,) tokens per stream, given left-aligned in (B, N) with positions `pos` (B, N),
-        to the cache in place; returns logits at each stream's last new token."""
+        to the cache in place; returns logits at each stream's last new token. Entries past a stream's
+        `n_new` are padding: they are written to slots past its end, which no real query can see."""
         B, N = type_ids.shape
-        L = cache[0][0].shape[2]
+        H, L = cache[0][0].shape[1], cache[0][0].shape[2]
         h = self.embed(type_ids, state_ids, prev_ids, pos.clamp(max=self.config.n_transit - 1))
-        key_idx = torch.arange(L, device=pos.device)
-        mask = (key_idx[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, N, L)
+        slot = pos.clamp(max=L - 1)
+        # shared by all layers: where each new key/value goes, and which cached keys each query may see
+        slots = ((torch.arange(B * H, device=pos.device).view(B, H, 1) * L) + slot[:, None, :]).flatten()  # (B*H*N,)
+        hidden = torch.arange(L, device=pos.device) > slot[:, :, None]  # (B, N, L)
+        bias = torch.zeros(B, N, L, device=h.device, dtype=h.dtype).masked_fill_(hidden, float("-inf"))
+        bias = bias[:, None].expand(B, H, N, L).reshape(B * H, N, L)
         for i, blk in enumerate(self.blocks):
-            h, cache[i] = blk(h, kv=cache[i], pos=pos.clamp(max=L - 1), mask=mask)
+            h, cache[i] = blk(h, kv=cache[i], slots=slots, bias=bias)
         last = h[torch.arange(B), n_new - 1]
         return self.heads(last)
 

@@ -1,0 +1,529 @@
+"""Benchmark: PPO collection, training throughput and memory, in-context evaluation speed, flat eval memory.
+
+    python bench.py                 # small sizes, a few minutes on 2 cores
+    python bench.py --full          # real sizes: all 81 goals, 100 training steps, 500 evaluation episodes
+    python bench.py --json out.json # also write every figure as JSON
+
+Prints one table: each figure, its target (issue 5) and `ratio` = how far past the target it is (> 1 = target
+met; `target / measured` for upper bounds, `measured / target` for lower bounds). Every measurement runs in a
+fresh subprocess, so peak memory and thread settings of one cannot leak into another.
+
+- collection: `collect.collect_goal` (SB3 PPO, default config) on randomly drawn goals, `n_process` goals at a
+  time in a process pool like `collect.py`; seconds per goal per core, the 81-goal time this projects, and the
+  last-region PPO return as a fraction of the optimum. Nothing is written.
+- training: the `train.py` step (forward, backward, grad clip, AdamW) on real batches of
+  `HistoryDataset(...).batch(step)` from the history file, batch generation included, timed per step after
+  warm-up steps (steps/s = 1 / median step time; best of 2-3 fresh processes per mode, as the same step runs
+  up to ~10% faster or slower from one process to the next); peak RSS growth over the baseline after a 2-row
+  step, and the bytes of activations autograd saves for backward in one step.
+- evaluation: `evaluate.run_in_context` on the 8 held-out goals x `eval_streams`, cached and uncached, on a
+  randomly initialised model of the default config. A random model's token-type head says `</compress>` at
+  random steps, so in compressed mode the head is biased never to say it and regions close by the
+  `max_region_len` rule (every 82 steps; a trained model closes every 80), which is what a trained model costs.
+  `--run-dir` evaluates a trained checkpoint instead.
+- memory over a long evaluation: the peak RSS of one cached run after 1/5 of its episodes and at the end, and
+  the longest context any stream held (must stay <= n_transit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+STANDARD_CONFIG = ROOT / "config" / "model" / "ad_dr.yaml"
+COMPRESSED_CONFIG = ROOT / "config" / "model" / "ad_dr_compressed.yaml"
+MODES = {"standard": STANDARD_CONFIG, "compressed": COMPRESSED_CONFIG}
+
+# targets from issue 5 (2-core CPU, default configs)
+COLLECT_81_S = 600.0
+COLLECT_FRACTION = 0.90
+TARGETS_PER_S = 35_000.0
+COMPRESSED_SPEEDUP = 1.4
+MEMORY_REDUCTION = 0.30
+EVAL_500_S = 30.0
+FLAT_MEMORY_MB = 10.0  # "no growth with episode count": the peak RSS may not grow by more over the last 4/5 of a run
+
+SIZES = {  # small / --full
+    "collect_goals": (2, 81),
+    "train_steps": (20, 60),
+    "train_repeats": (2, 3),
+    "train_warmup": (3, 5),
+    "eval_cached_episodes": (50, 500),
+    "eval_uncached_episodes": (15, 50),
+    "memory_episodes": ((20, 100), (100, 500)),
+}
+
+
+# ---- measurements (each runs in its own subprocess) ----------------------------------------------------------------
+def rss_mb() -> float:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so a later peak excludes earlier transients."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS since the last `reset_peak_rss` (VmHWM), else since the process started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_collection(n_goals: int, seed: int) -> dict:
+    import multiprocessing as mp
+
+    import numpy as np
+
+    from collect import _worker, region_returns
+    from common import DEFAULT_COLLECT_CONFIG, load_config
+    from env import optimal_return
+
+    cfg = load_config(DEFAULT_COLLECT_CONFIG)
+    n_all = cfg["grid_size"] ** 2
+    goals = sorted(random.Random(seed).sample(range(n_all), min(n_goals, n_all)))
+    n_proc = min(cfg["n_process"], len(goals))
+    start = time.perf_counter()
+    with mp.get_context("fork").Pool(n_proc) as pool:
+        results = list(pool.imap_unordered(_worker, [(g, cfg) for g in goals]))
+    wall = time.perf_counter() - start
+    first, last, opt, secs = [], [], [], []
+    for goal, data, s in results:
+        ret = region_returns(data["rewards"], cfg["n_steps"], cfg["horizon"])
+        first.append(ret[0])
+        last.append(ret[-1])
+        opt.append(optimal_return(goal, cfg["grid_size"], cfg["horizon"]))
+        secs.append(s)
+    first, last, opt = map(np.array, (first, last, opt))
+    return {
+        "goals": goals, "n_process": n_proc, "wall_s": wall,
+        "s_per_goal_per_core": wall * n_proc / len(goals), "mean_goal_s": float(np.mean(secs)),
+        # projected from the measured throughput; the measured time itself when all goals ran
+        "projected_81_goals_s": wall * n_all / len(goals),
+        "first_region_return": float(first.mean()), "last_region_return": float(last.mean()),
+        "optimum": float(opt.mean()), "last_region_fraction": float(last.sum() / opt.sum()),
+        "worst_goal_fraction": float(np.min(last / opt)),
+    }
+
+
+def history_file_stats() -> dict | None:
+    """First/last-region PPO returns of the history file on disk (all goals), if it exists: read only."""
+    import h5py
+    import numpy as np
+
+    from collect import region_returns
+    from common import DEFAULT_COLLECT_CONFIG, history_path, load_config
+    from env import optimal_return
+
+    cfg = load_config(DEFAULT_COLLECT_CONFIG)
+    path = history_path(cfg)
+    if not path.is_file():
+        return None
+    first, last, opt = [], [], []
+    with h5py.File(path, "r") as f:
+        n_steps, horizon, grid = int(f.attrs["n_steps"]), int(f.attrs["horizon"]), int(f.attrs["grid_size"])
+        for key in f:
+            ret = region_returns(f[key]["rewards"][:], n_steps, horizon)
+            first.append(ret[0])
+            last.append(ret[-1])
+            opt.append(optimal_return(int(key), grid, horizon))
+    first, last, opt = map(np.array, (first, last, opt))
+    return {"path": str(path), "n_goals": len(opt), "first_region_return": float(first.mean()),
+            "last_region_return": float(last.mean()), "optimum": float(opt.mean()),
+            "last_region_fraction": float(last.sum() / opt.sum()), "worst_goal_fraction": float(np.min(last / opt))}
+
+
+def saved_activation_bytes(model, batch) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward pass (parameters excluded, storages
+    counted once): the activation memory of a training step."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch)
+    out["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def measure_training(mode: str, n_steps: int, n_warmup: int) -> dict:
+    import torch
+
+    from common import history_path, load_config
+    from dataset import HistoryDataset
+    from model import MODEL, ADConfig
+
+    cfg = load_config(MODES[mode])
+    path = history_path(cfg)
+    data = HistoryDataset(path, cfg, "train", cfg["train_batch_size"], cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    model = MODEL[cfg["model"]](ADConfig.from_dict(cfg)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.99))
+
+    def step(i: int, rows: int | None = None) -> int:
+        batch = data.batch(i)
+        out = model({k: v[:rows] for k, v in batch.items()} if rows else batch)
+        out["loss"].backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return int(out["n_targets"])
+
+    # one step on 2 rows pages in the kernels' code and creates the optimiser state: the baseline then holds
+    # everything but what scales with the batch (activations, their gradients, allocator caches)
+    step(0, rows=2)
+    base = rss_mb()
+    reset_ok = reset_peak_rss()
+    for i in range(n_warmup):
+        step(i)
+    times, targets = [], 0
+    for i in range(n_warmup, n_warmup + n_steps):
+        start = time.perf_counter()
+        targets += step(i)
+        times.append(time.perf_counter() - start)
+    peak = peak_rss_mb()
+    saved = saved_activation_bytes(model, data.batch(0))
+    step_s = statistics.median(times)  # robust to a step slowed by something else on the machine
+    return {
+        "mode": mode, "batch_size": cfg["train_batch_size"], "seq_len": cfg["n_transit"], "steps": n_steps,
+        "median_step_s": step_s, "mean_step_s": sum(times) / n_steps,
+        "steps_per_s": 1 / step_s, "targets_per_s": targets / n_steps / step_s, "targets_per_step": targets / n_steps,
+        "saved_activations_mb": saved / 2**20, "baseline_rss_mb": base, "peak_rss_mb": peak,
+        "peak_rss_growth_mb": peak - base if reset_ok else float("nan"),
+    }
+
+
+def eval_model(mode: str, run_dir: str | None):
+    """(model, cfg, trained): the checkpoint in `run_dir` if it was trained in this mode, else a randomly
+    initialised default-config model (compressed: token-type head biased never to say </compress>)."""
+    import torch
+
+    from common import load_config
+    from model import MODEL, ADConfig
+    from model.ad import COMPRESS_END
+
+    if run_dir:
+        from evaluate import load_run
+
+        model, cfg = load_run(Path(run_dir), [], "cpu")
+        if cfg["use_compressed_context"] == (mode == "compressed"):
+            return model, cfg, True
+    cfg = load_config(MODES[mode])
+    torch.manual_seed(cfg["seed"])
+    model = MODEL[cfg["model"]](ADConfig.from_dict(cfg)).eval()
+    if cfg["use_compressed_context"]:
+        with torch.no_grad():
+            model.head_token_type.bias[COMPRESS_END] = -10.0  # regions close at max_region_len, as scheduled
+    return model, cfg, False
+
+
+def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | None, rss_at: tuple[int, ...] = ()) -> dict:
+    """Time `run_in_context`. With `rss_at` (episode counts), also record the peak RSS so far after those episodes
+    and the longest context any stream held (this costs a little time, so only memory runs do it)."""
+    import torch
+
+    import evaluate
+    from env import split_goals
+
+    model, cfg, trained = eval_model(mode, run_dir)
+    _, test_goals = split_goals(cfg["grid_size"], cfg["env_split_seed"], cfg["train_env_ratio"])
+    longest, rss, steps_done = [0], {}, [0]
+    if rss_at:
+        marks = {n * cfg["horizon"]: n for n in rss_at}
+        logits = evaluate.Contexts.logits
+
+        def tracked(ctx, use_cache):
+            if steps_done[0] in marks:  # before the step: exactly `n` episodes done
+                rss[marks[steps_done[0]]] = peak_rss_mb()
+            steps_done[0] += 1
+            longest[0] = max(longest[0], int(ctx.length.max()))
+            return logits(ctx, use_cache)
+
+        evaluate.Contexts.logits = tracked
+    base = rss_mb()
+    reset_ok = reset_peak_rss()
+    start = time.perf_counter()
+    res = evaluate.run_in_context(model, cfg, test_goals, n_streams=cfg["eval_streams"], n_episodes=n_episodes,
+                                  seed=cfg["seed"], use_cache=use_cache, progress=False)
+    secs = time.perf_counter() - start
+    if n_episodes in rss_at:
+        rss[n_episodes] = peak_rss_mb()
+    steps = n_episodes * cfg["horizon"]
+    return {
+        "mode": mode, "model": "trained " + str(run_dir) if trained else "random", "cached": use_cache,
+        "episodes": n_episodes, "streams": len(test_goals) * cfg["eval_streams"], "seconds": secs,
+        "steps_per_s": steps / secs, "projected_500_s": secs * 500 / n_episodes,
+        "streams_recomputed": res["recomputed"], "n_closes": sum(map(len, res["closes"])),
+        "n_forced_closes": sum(map(len, res["forced_closes"])), "n_transit": cfg["n_transit"],
+        "longest_context": longest[0] if rss_at else None, "peak_rss_mb_after_episodes": rss,
+        "mean_return": float(res["returns"].mean()), "baseline_rss_mb": base,
+        "peak_rss_growth_mb": peak_rss_mb() - base if reset_ok else float("nan"), "torch_threads": torch.get_num_threads(),
+    }
+
+
+def worker(spec: dict) -> dict:
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    kind = spec["kind"]
+    if kind == "collect":
+        return measure_collection(spec["n_goals"], spec["seed"])
+    if kind == "history":
+        return {"history": history_file_stats()}
+    if kind == "train":
+        return measure_training(spec["mode"], spec["steps"], spec["warmup"])
+    if kind == "eval":
+        return measure_eval(spec["mode"], spec["cached"], spec["episodes"], spec.get("run_dir"), tuple(spec.get("rss_at", ())))
+    raise ValueError(f"unknown benchmark kind {kind!r}")
+
+
+def run_worker(spec: dict, retries: int = 0) -> dict:
+    """Run one measurement in a fresh interpreter and return its JSON result, with `busy`: the other processes
+    that competed for the CPU meanwhile. A contended measurement is repeated up to `retries` times."""
+    for attempt in range(retries + 1):
+        before, start = cpu_snapshot(), time.perf_counter()
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=ROOT,
+                              capture_output=True, text=True)
+        busy = busy_others(before, cpu_snapshot(), time.perf_counter() - start)
+        if proc.returncode != 0:
+            raise SystemExit(f"benchmark step {spec} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res["busy"] = busy
+        if not busy:
+            break
+        if attempt < retries:
+            print(f"  other processes were busy ({', '.join(busy)}): measuring again", flush=True)
+    return res
+
+
+# ---- the table ----------------------------------------------------------------------------------------------------
+class Table:
+    HEADER = ("figure", "measured", "target", "ratio")
+
+    def __init__(self):
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.busy: list[str] = []
+
+    def add(self, name: str, value: float, fmt: str = "{:.1f}", target: float | None = None, upper: bool = False,
+            unit: str = "", busy: list[str] | None = None):
+        """`upper`: the target is a ceiling (seconds, memory); otherwise a floor; no target: an information row.
+        `busy`: other processes that competed for the CPU while this was measured (marks the figure with *)."""
+        shown = fmt.format(value) + unit + (" *" if busy else "")
+        self.busy += [b for b in busy or [] if b not in self.busy]
+        if target is None or value is None or (isinstance(value, float) and math.isnan(value)):
+            self.rows.append((name, shown, "", ""))
+            return
+        ratio = (target / value if value > 0 else math.inf) if upper else value / target
+        tgt = ("<= " if upper else ">= ") + fmt.format(target).lstrip("+") + unit
+        self.rows.append((name, shown, tgt, (f"{ratio:.2f}" if ratio < 100 else ">99") + ("" if ratio >= 1 else " MISSED")))
+
+    def print(self, title: str):
+        rows = [self.HEADER, *self.rows]
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        print(f"\n{title}\n")
+        for j, r in enumerate(rows):
+            print("| " + " | ".join(r[i].ljust(w[i]) for i in range(4)) + " |")
+            if j == 0:
+                print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+        if self.busy:
+            print(f"\n* measured while other processes competed for the CPU (timings depressed): {', '.join(self.busy)}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="real sizes (all 81 goals, 500 episodes; ~10 min on 2 cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for training and evaluation (default: torch's default, one per core)")
+    parser.add_argument("--only", default="collect,train,eval,memory",
+                        help="comma-separated sections to run: collect, train, eval, memory (default: all)")
+    parser.add_argument("--run-dir", default=None,
+                        help="evaluate this trained run's checkpoint instead of a random model, in the mode it was trained in")
+    parser.add_argument("--seed", type=int, default=0, help="seed that draws the goals collected (default 0)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="repeat a measurement up to this many times while other processes compete for the CPU (default 2)")
+    parser.add_argument("--json", default=None, help="also write all measurements to this JSON file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    import torch
+
+    k = 1 if args.full else 0
+    sections = {s.strip() for s in args.only.split(",")}
+    threads = args.threads or torch.get_num_threads()
+    others = busy_processes()
+    print(f"bench: {'--full' if args.full else 'small'} sizes, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{threads} torch thread(s) for training/evaluation; collection uses 1 thread per goal process")
+    if others:
+        print(f"WARNING: other busy processes share the CPU, timings are depressed: {others}")
+    res: dict = {"full": args.full, "threads": threads, "cpus": os.cpu_count(), "other_busy_processes": others}
+    table = Table()
+    t0 = time.perf_counter()
+
+    if "collect" in sections:
+        n = SIZES["collect_goals"][k]
+        print(f"collection: PPO on {n} goals ...", flush=True)
+        c = res["collect"] = run_worker({"kind": "collect", "n_goals": n, "seed": args.seed}, args.retries)
+        table.add(f"collect: s per goal per core ({len(c['goals'])} goals, {c['n_process']} procs)",
+                  c["s_per_goal_per_core"], target=COLLECT_81_S * c["n_process"] / 81, upper=True, unit=" s", busy=c["busy"])
+        table.add(f"collect: 81 goals on {c['n_process']} procs ({'measured' if len(c['goals']) == 81 else 'projected'})",
+                  c["projected_81_goals_s"], "{:.0f}", COLLECT_81_S, upper=True, unit=" s", busy=c["busy"])
+        table.add("collect: PPO first-region return / optimum", c["first_region_return"] / c["optimum"], "{:.2f}")
+        table.add("collect: PPO last-region return / optimum", c["last_region_fraction"], "{:.2f}", COLLECT_FRACTION)
+        h = res["history_file"] = run_worker({"kind": "history"})["history"]
+        if h:
+            table.add(f"history file ({h['n_goals']} goals): last-region / optimum", h["last_region_fraction"], "{:.2f}",
+                      COLLECT_FRACTION)
+
+    if "train" in sections:
+        # the same step runs up to ~10% faster or slower from one process to the next (where the allocator puts
+        # things, page faults): interleave the modes over several fresh processes and keep each mode's best
+        runs: dict[str, list] = {mode: [] for mode in MODES}
+        for rep in range(SIZES["train_repeats"][k]):
+            for mode in MODES:
+                print(f"training: {mode} ({rep + 1}/{SIZES['train_repeats'][k]}) ...", flush=True)
+                runs[mode].append(run_worker({"kind": "train", "mode": mode, "steps": SIZES["train_steps"][k],
+                                              "warmup": SIZES["train_warmup"][k], "threads": args.threads}, args.retries))
+        tr = {mode: max(r, key=lambda x: x["steps_per_s"]) | {"all_steps_per_s": [x["steps_per_s"] for x in r]}
+              for mode, r in runs.items()}
+        res["train"] = tr
+        for mode, r in tr.items():
+            table.add(f"train {mode}: steps/s (batch {r['batch_size']} x {r['seq_len']}, best of {len(r['all_steps_per_s'])})",
+                      r["steps_per_s"], "{:.2f}", busy=r["busy"])
+            table.add(f"train {mode}: action targets/s", r["targets_per_s"], "{:,.0f}", TARGETS_PER_S, busy=r["busy"])
+            table.add(f"train {mode}: activations saved for backward", r["saved_activations_mb"], "{:.0f}", unit=" MB")
+            table.add(f"train {mode}: peak RSS growth over model+data", r["peak_rss_growth_mb"], "{:.0f}", unit=" MB")
+        s, c = tr["standard"], tr["compressed"]
+        table.add("train compressed / standard steps/s", c["steps_per_s"] / s["steps_per_s"], "{:.2f}", COMPRESSED_SPEEDUP,
+                  busy=s["busy"] + c["busy"])
+        table.add("train memory reduction (saved activations)", 1 - c["saved_activations_mb"] / s["saved_activations_mb"],
+                  "{:.3f}", MEMORY_REDUCTION)
+        table.add("train memory reduction (peak RSS growth)", 1 - c["peak_rss_growth_mb"] / s["peak_rss_growth_mb"],
+                  "{:.3f}", MEMORY_REDUCTION)
+
+    if "eval" in sections:
+        ev = {}
+        for mode in MODES:
+            for cached in (True, False):
+                n = SIZES["eval_cached_episodes" if cached else "eval_uncached_episodes"][k]
+                print(f"evaluation: {mode}, {'cached' if cached else 'uncached'}, {n} episodes ...", flush=True)
+                ev[f"{mode}_{'cached' if cached else 'uncached'}"] = run_worker(
+                    {"kind": "eval", "mode": mode, "cached": cached, "episodes": n, "threads": args.threads,
+                     "run_dir": args.run_dir}, args.retries)
+        if threads != 1:  # one thread is slower on an idle machine but far steadier when other jobs share the cores
+            for mode in MODES:
+                n = SIZES["eval_cached_episodes"][k]
+                print(f"evaluation: {mode}, cached, {n} episodes, 1 thread ...", flush=True)
+                ev[f"{mode}_cached_1-thread"] = run_worker({"kind": "eval", "mode": mode, "cached": True, "episodes": n,
+                                                            "threads": 1, "run_dir": args.run_dir}, args.retries)
+        res["eval"] = ev
+        for key, r in ev.items():
+            how = "measured" if r["episodes"] == 500 else f"projected from {r['episodes']}"
+            table.add(f"eval {key.replace('_', ' ')}: steps/s ({r['streams']} streams, {r['model']} model)", r["steps_per_s"],
+                      "{:.0f}", busy=r["busy"])
+            table.add(f"eval {key.replace('_', ' ')}: 500 episodes ({how})", r["projected_500_s"], "{:.1f}",
+                      EVAL_500_S if r["cached"] else None, upper=True, unit=" s", busy=r["busy"])
+        for mode in MODES:
+            c, u = ev[f"{mode}_cached"], ev[f"{mode}_uncached"]
+            table.add(f"eval {mode}: cached / uncached speed", c["steps_per_s"] / u["steps_per_s"], "{:.1f}", unit="x",
+                      busy=c["busy"] + u["busy"])
+
+    if "memory" in sections:
+        short, long = SIZES["memory_episodes"][k]
+        mem = {}
+        for mode in MODES:
+            print(f"memory: {mode}, cached, RSS after {short} and {long} episodes ...", flush=True)
+            r = mem[mode] = run_worker({"kind": "eval", "mode": mode, "cached": True, "episodes": long,
+                                        "threads": args.threads, "run_dir": args.run_dir, "rss_at": [short, long]},
+                                       args.retries)
+            rss = {int(n): v for n, v in r["peak_rss_mb_after_episodes"].items()}
+            table.add(f"eval {mode}: peak RSS growth, {short} -> {long} episodes", rss[long] - rss[short], "{:+.1f}",
+                      FLAT_MEMORY_MB, upper=True, unit=" MB")
+            table.add(f"eval {mode}: longest context (n_transit {r['n_transit']})", r["longest_context"], "{:.0f}",
+                      r["n_transit"], upper=True)
+        res["memory"] = mem
+
+    title = (f"`python bench.py{' --full' if args.full else ''}`: {threads} torch thread(s), {os.cpu_count()} CPUs, "
+             f"{time.perf_counter() - t0:.0f} s" + (", OTHER PROCESSES WERE BUSY" if others else ""))
+    table.print(title)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.json}")
+
+
+def cpu_snapshot() -> dict:
+    """CPU seconds used so far by the whole machine and by this process with its (reaped) descendants, plus
+    per-process ticks to name the others."""
+    hz = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    t = os.times()
+    procs = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    name, rest = f.read().rsplit(")", 1)
+                procs[int(pid)] = (name.split("(", 1)[1], sum(int(x) for x in rest.split()[11:13]) / hz)
+            except (OSError, IndexError, ValueError):
+                pass
+    return {"machine": (user + nice + system + irq + softirq + steal) / hz,
+            "mine": t.user + t.system + t.children_user + t.children_system, "procs": procs}
+
+
+def busy_others(before: dict, after: dict, seconds: float, threshold: float = 0.1) -> list[str]:
+    """What else used the CPU between two `cpu_snapshot`s (machine total less this process and everything it
+    started), if more than `threshold` of a core: that competes for the cores and depresses timings."""
+    others = (after["machine"] - before["machine"]) - (after["mine"] - before["mine"])
+    if others / max(seconds, 1e-9) <= threshold:
+        return []
+    names = [f"{name}[{pid}]" for pid, (name, t) in after["procs"].items()
+             if (t - before["procs"].get(pid, (name, 0.0))[1]) / seconds > threshold]
+    return [f"{100 * others / seconds:.0f}% of a core" + (f" ({', '.join(names[:4])})" if names else "")]
+
+
+def busy_processes(seconds: float = 0.5) -> list[str]:
+    """Whether other processes use the CPU right now."""
+    a = cpu_snapshot()
+    time.sleep(seconds)
+    return busy_others(a, cpu_snapshot(), seconds)
+
+
+if __name__ == "__main__":
+    main()

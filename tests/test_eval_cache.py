@@ -1,0 +1,94 @@
+"""Cached evaluation (key/value cache, rebuilt only after a prune or window shift) must be a pure speed-up: the same
+logits (to 1e-5) and the same sampled actions as recomputing every step from the full context, with the context
+never longer than n_transit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from common import ROOT, load_config
+from model import AD, ADConfig
+from model.ad import COMPRESS_END
+
+TINY = ["d_model=16", "n_layer=2", "n_head=2", "n_steps=10", "compress_interval=10", "eval_streams=3"]
+GOALS = [38, 51]  # two held-out goals
+N_EPISODES = 5  # 100 steps
+
+
+def _setup(compressed: bool, overrides: list[str], close_bias: float | None = None, seed: int = 0):
+    name = "ad_dr_compressed.yaml" if compressed else "ad_dr.yaml"
+    cfg = load_config(ROOT / "config" / "model" / name, TINY + overrides)
+    torch.manual_seed(seed)
+    model = AD(ADConfig.from_dict(cfg)).eval()
+    if close_bias is not None:  # steer how often the random token-type head says </compress>
+        with torch.no_grad():
+            model.head_token_type.bias[COMPRESS_END] = close_bias
+    return model, cfg
+
+
+def _run(model, cfg, use_cache: bool, monkeypatch) -> tuple[dict, int]:
+    """Run in context; returns the result and the longest context any stream held when the model was called.
+    Also checks that no buffer ever outgrows its fixed capacity, even for a moment (between </compress> and the
+    prune that follows it)."""
+    longest = [0]
+    append, logits = evaluate.Contexts.append, evaluate.Contexts.logits
+
+    def tracked_append(ctx, *args, **kwargs):
+        append(ctx, *args, **kwargs)
+        assert int(ctx.length.max()) <= ctx.cap == cfg["n_transit"] + evaluate.SLACK
+
+    def tracked_logits(ctx, use_cache):
+        longest[0] = max(longest[0], int(ctx.length.max()))
+        return logits(ctx, use_cache)
+
+    monkeypatch.setattr(evaluate.Contexts, "append", tracked_append)
+    monkeypatch.setattr(evaluate.Contexts, "logits", tracked_logits)
+    res = evaluate.run_in_context(model, cfg, GOALS, n_streams=cfg["eval_streams"], n_episodes=N_EPISODES, seed=1,
+                                  use_cache=use_cache, progress=False, record_logits=True)
+    monkeypatch.undo()
+    return res, longest[0]
+
+
+def _assert_same(cached: dict, uncached: dict) -> None:
+    diff = (cached["logits"] - uncached["logits"]).abs().max().item()
+    assert diff < 1e-5, f"cached and uncached logits differ by {diff}"
+    np.testing.assert_array_equal(cached["rewards"], uncached["rewards"])  # same sampled actions -> same rewards
+    for key in ("closes", "forced_closes", "prunes"):
+        assert cached[key] == uncached[key], key
+
+
+# standard: window shifts of 10 (and a full reset: shift = n_transit) every 10 / 30 steps after the first 30
+@pytest.mark.parametrize("shift", [10, 30])
+def test_standard_cached_equals_uncached_through_window_shifts(shift, monkeypatch):
+    model, cfg = _setup(False, ["n_transit=30", f"eval_window_shift={shift}"])
+    cached, longest_c = _run(model, cfg, True, monkeypatch)
+    uncached, longest_u = _run(model, cfg, False, monkeypatch)
+    _assert_same(cached, uncached)
+    n_streams = len(GOALS) * cfg["eval_streams"]
+    n_shifts = cached["recomputed"] // n_streams - 1  # every stream is rebuilt at the start and after each shift
+    assert n_shifts >= 2
+    assert max(longest_c, longest_u) <= cfg["n_transit"]
+
+
+# compressed: the random head closing at random steps (irregular per stream), never (regions closed at
+# max_region_len, all streams in step) or always (a prune after every step); and keeping a single region
+@pytest.mark.parametrize("close_bias,max_regions", [(None, 2), (-10.0, 2), (10.0, 2), (None, 1)])
+def test_compressed_cached_equals_uncached_through_prunes(close_bias, max_regions, monkeypatch):
+    model, cfg = _setup(True, ["n_transit=24", f"max_regions={max_regions}"], close_bias)
+    cached, longest_c = _run(model, cfg, True, monkeypatch)
+    uncached, longest_u = _run(model, cfg, False, monkeypatch)
+    _assert_same(cached, uncached)
+    assert min(len(p) for p in cached["prunes"]) >= 2  # every stream went through at least two prunes
+    assert max(longest_c, longest_u) <= cfg["n_transit"]
+    assert cached["logits"].shape[-1] == 5 + 3  # the token-type logits were compared too
+
+
+def test_cached_evaluation_is_deterministic_for_a_seed(monkeypatch):
+    model, cfg = _setup(True, ["n_transit=24"])
+    a, _ = _run(model, cfg, True, monkeypatch)
+    b, _ = _run(model, cfg, True, monkeypatch)
+    torch.testing.assert_close(a["logits"], b["logits"], rtol=0, atol=0)
+    np.testing.assert_array_equal(a["rewards"], b["rewards"])
