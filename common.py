@@ -154,7 +154,8 @@ def default_run_dir(cfg: dict) -> Path:
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_config: Path) -> None:
-    parser.add_argument("--config", default=str(default_config), help=f"YAML config (default: {default_config.relative_to(ROOT)})")
+    parser.add_argument("--config", default=str(default_config),
+                        help=f"YAML config (default: {default_config.relative_to(ROOT)})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. train_timesteps=100")
 
 

@@ -259,14 +259,16 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
         s["compression"] = {**boundary_metrics(res["closes"], n_total, cfg["compress_interval"]),
                             "n_forced_closes": sum(len(c) for c in res["forced_closes"]),
                             **prune_quality(res["rewards"], res["prunes"], H),
-                            "close_steps": [list(map(int, c)) for c in res["closes"]]}
+                            "close_steps": [list(map(int, c)) for c in res["closes"]],
+                            "forced_close_steps": [list(map(int, c)) for c in res["forced_closes"]]}
     return s
 
 
 def print_table(s: dict) -> None:
     print(f"{'goal':>5} {'(row,col)':>9} {'mean':>6} {'last50':>7} {'optimum':>8} {'norm':>6}")
     for g in s["per_goal"]:
-        print(f"{g['goal']:>5} {str(tuple(g['pos'])):>9} {g['mean']:>6.2f} {g['last50']:>7.2f} {g['optimum']:>8.0f} {g['normalized']:>6.2f}")
+        print(f"{g['goal']:>5} {str(tuple(g['pos'])):>9} {g['mean']:>6.2f} {g['last50']:>7.2f} "
+              f"{g['optimum']:>8.0f} {g['normalized']:>6.2f}")
     print(f"{s['mode']} AD: mean return {s['mean_return']:.2f} ± {s['ci95']:.2f} (95% CI) over {s['n_episodes']} episodes "
           f"x {s['n_goals']} goals x {s['n_streams']} streams; last 100 {s['last100_mean']:.2f}; "
           f"optimum {s['optimum_mean']:.2f}; normalised {s['normalized_score']:.3f}")
@@ -274,7 +276,8 @@ def print_table(s: dict) -> None:
         c = s["compression"]
         print(f"</compress>: {c['n_closes']} closes, precision {c['precision_compress_end']:.3f}, recall "
               f"{c['recall_compress_end']:.3f}, forced {c['n_forced_closes']}; reward/step before vs after prune "
-              f"{c.get('reward_per_step_before_prune', float('nan')):.3f} vs {c.get('reward_per_step_after_prune', float('nan')):.3f}")
+              f"{c.get('reward_per_step_before_prune', float('nan')):.3f} vs "
+              f"{c.get('reward_per_step_after_prune', float('nan')):.3f}")
 
 
 def main():

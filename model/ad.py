@@ -53,6 +53,7 @@ class ADConfig:
     dropout: float = 0.0
     use_compressed_context: bool = False
     token_type_loss_weight: float = 0.1
+    state_embedding: str = "rowcol"  # "rowcol": embed(row) + embed(col); "table": one vector per cell
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ADConfig:
@@ -99,7 +100,16 @@ class AD(nn.Module):
     def __init__(self, c: ADConfig):
         super().__init__()
         self.config = c
-        self.state_emb = nn.Embedding(n_state_ids(c.grid_size), c.d_model, padding_idx=n_state_ids(c.grid_size) - 1)
+        G = c.grid_size
+        if c.state_embedding == "rowcol":
+            # row and column vectors are shared across cells, so "go to the rewarded cell" transfers to goals
+            # never seen as goals in training; id G is padding / marker
+            self.row_emb = nn.Embedding(G + 1, c.d_model, padding_idx=G)
+            self.col_emb = nn.Embedding(G + 1, c.d_model, padding_idx=G)
+        elif c.state_embedding == "table":
+            self.state_emb = nn.Embedding(n_state_ids(G), c.d_model, padding_idx=n_state_ids(G) - 1)
+        else:
+            raise ValueError(f"state_embedding must be 'rowcol' or 'table', got {c.state_embedding!r}")
         self.prev_emb = nn.Embedding(N_PREV_IDS, c.d_model, padding_idx=PAD_PREV)
         self.type_emb = nn.Embedding(N_TOKEN_TYPES, c.d_model)
         self.pos_emb = nn.Embedding(c.n_transit, c.d_model)
@@ -119,8 +129,17 @@ class AD(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def embed_state(self, state_ids):
+        if self.config.state_embedding == "table":
+            return self.state_emb(state_ids)
+        G = self.config.grid_size
+        pad = state_ids == G * G
+        row = torch.where(pad, G, state_ids // G)
+        col = torch.where(pad, G, state_ids % G)
+        return self.row_emb(row) + self.col_emb(col)
+
     def embed(self, type_ids, state_ids, prev_ids, pos_ids):
-        return self.drop(self.type_emb(type_ids) + self.state_emb(state_ids) + self.prev_emb(prev_ids) + self.pos_emb(pos_ids))
+        return self.drop(self.type_emb(type_ids) + self.embed_state(state_ids) + self.prev_emb(prev_ids) + self.pos_emb(pos_ids))
 
     def heads(self, h):
         h = self.ln_f(h)

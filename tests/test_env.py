@@ -78,7 +78,7 @@ def test_vec_env_matches_single_env_and_reports_terminal_obs():
     obs = venv.reset()
     singles = [e.reset()[0] for e in envs]
     assert (obs == np.stack(singles)).all()
-    for t in range(45):
+    for _ in range(45):
         actions = rng.integers(5, size=3)
         obs, rewards, dones, infos = venv.step(actions)
         for i, e in enumerate(envs):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import MODEL, AD, ADConfig
+from model import AD, MODEL, ADConfig
 from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, N_ACTIONS, STEP
 
 
