@@ -48,8 +48,11 @@ def test_2_forward_on_region_pairs(tiny_history):
     cfg = _cfg(tiny_history)
     batch = HistoryDataset(tiny_history["path"], cfg, "train", batch_size=8, seed=0).batch(0)
     out = _model(cfg)(batch)
-    assert out["logits_action"].shape == (8, cfg["n_transit"], 5)
-    assert out["logits_token_type"].shape == (8, cfg["n_transit"], 3)
+    # the batch is as long as its longest sample: C r E C r = 2 x 20 + 3 = 43 of the n_transit=48 positions
+    assert (batch["prev_region_len"] > 0).any() and cfg["n_transit"] == 48
+    assert batch["type_ids"].shape == batch["target_token_type"].shape == (8, 43)
+    assert out["logits_action"].shape == (8, 43, 5)
+    assert out["logits_token_type"].shape == (8, 43, 3)
     assert torch.isfinite(out["loss"]) and out["n_targets"] == int((batch["target_action"] != IGNORE).sum())
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from common import load_config
 from dataset import HistoryDataset
-from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, NO_PREV, STEP, encode_prev, encode_state
+from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, NO_PREV, PAD_PREV, STEP, encode_prev, encode_state
 
 
 def _cfg(tiny, mode):
@@ -97,9 +97,11 @@ def test_compressed_samples_are_consecutive_regions(tiny_history, k_expected):
         else:
             layout = [COMPRESS_START] + [STEP] * 20
         assert types[: len(layout)].tolist() == layout
-        steps = np.flatnonzero((np.arange(48) < len(layout)) & (types == STEP))
+        L = len(types)  # 43: the batch is trimmed to its longest sample, a pair (n_transit is 48)
+        assert L == 43
+        steps = np.flatnonzero((np.arange(L) < len(layout)) & (types == STEP))
         assert (b["target_action"][i, steps] != IGNORE).all()
-        assert (b["target_action"][i][np.setdiff1d(np.arange(48), steps)] == IGNORE).all()
+        assert (b["target_action"][i][np.setdiff1d(np.arange(L), steps)] == IGNORE).all()
         tt = b["target_token_type"][i, steps]
         closing = [19, 39] if want_pair else [19]
         assert (np.flatnonzero(tt == COMPRESS_END) == closing).all() and (np.delete(tt, closing) == STEP).all()
@@ -117,3 +119,28 @@ def test_compressed_samples_are_consecutive_regions(tiny_history, k_expected):
                         ).all():
                             found = True
             assert found
+
+
+def test_batch_is_trimmed_to_its_longest_sample_without_changing_outputs(tiny_history):
+    import torch
+
+    from model import AD, ADConfig
+
+    cfg = _cfg(tiny_history, "compressed")  # n_transit=48, regions of 20: pairs are 43 long, first regions 21
+    ds = HistoryDataset(tiny_history["path"], cfg, "train", batch_size=8, seed=0)
+    for step in range(6):
+        b = ds.batch(step)
+        used = (b["type_ids"] != STEP) | (b["target_action"] != IGNORE)
+        L = b["type_ids"].shape[1]
+        assert L == int(used.nonzero()[:, 1].max()) + 1 == (43 if (b["prev_region_len"] > 0).any() else 21)
+        # pad back to n_transit as an untrimmed batch would be: same logits on the real positions, same losses
+        pad = {"type_ids": STEP, "state_ids": ds.pad_state, "prev_ids": PAD_PREV, "target_action": IGNORE,
+               "target_token_type": IGNORE}
+        full = {k: torch.cat([v, torch.full((8, cfg["n_transit"] - L), pad[k])], 1) if k in pad else v
+                for k, v in b.items()}
+        torch.manual_seed(0)
+        model = AD(ADConfig.from_dict(cfg)).eval()
+        with torch.no_grad():
+            a, f = model(b), model(full)
+        torch.testing.assert_close(a["logits_action"], f["logits_action"][:, :L])
+        torch.testing.assert_close(a["loss"], f["loss"])
