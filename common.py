@@ -96,6 +96,11 @@ def parse_overrides(items: list[str]) -> dict:
             value = raw
         if SCHEMA.get(key.strip()) is str and value is not None:
             value = str(raw)
+        elif SCHEMA.get(key.strip()) is float and isinstance(value, str):
+            try:
+                value = float(raw)  # YAML 1.1 reads `1e-3` (no dot) as a string
+            except ValueError:
+                pass
         out[key.strip()] = value
     return out
 
@@ -124,6 +129,10 @@ def validate(cfg: dict) -> dict:
     if cfg.get("mixed_precision", "no") not in ("no", "fp16", "bf16"):
         raise UserError(f"mixed_precision must be one of no, fp16, bf16; got {cfg['mixed_precision']!r}")
     return cfg
+
+
+# the keys evaluate.py may set on top of a checkpoint's config (everything else is fixed by the checkpoint)
+EVAL_KEYS = ("eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "seed")
 
 
 def min_compressed_context(interval: int, max_regions: int) -> int:

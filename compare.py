@@ -191,6 +191,10 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
                 "compressed_mean": gc["mean"],
                 "standard_normalized": gs["normalized"],
                 "compressed_normalized": gc["normalized"],
+                "standard_last100": gs["last100"],
+                "compressed_last100": gc["last100"],
+                "standard_last100_normalized": gs["last100_normalized"],
+                "compressed_last100_normalized": gc["last100_normalized"],
             }
         )
 
@@ -222,15 +226,21 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
         "when it falls on the true region grid. Before/after a prune: reward per step in the episode-length "
         "window before vs after the oldest region is dropped.",
         "",
-        "## Per held-out goal (mean return over all episodes and streams)",
+        "## Per held-out goal",
         "",
-        "| goal | pos | optimum | standard mean | compressed mean | standard normalised | compressed normalised |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "Mean return over all episodes and streams, over the last 100 episodes, and that last-100 mean as a fraction "
+        "of the goal's optimum.",
+        "",
+        "| goal | pos | optimum | standard mean | compressed mean | standard normalised | compressed normalised "
+        "| standard last 100 | compressed last 100 | standard last 100 / opt | compressed last 100 / opt |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for g in per_goal:
         lines.append(
             f"| {g['goal']} | ({g['pos'][0]}, {g['pos'][1]}) | {g['optimum']:.0f} | {g['standard_mean']:.2f} | "
-            f"{g['compressed_mean']:.2f} | {g['standard_normalized']:.3f} | {g['compressed_normalized']:.3f} |"
+            f"{g['compressed_mean']:.2f} | {g['standard_normalized']:.3f} | {g['compressed_normalized']:.3f} | "
+            f"{g['standard_last100']:.2f} | {g['compressed_last100']:.2f} | {g['standard_last100_normalized']:.3f} | "
+            f"{g['compressed_last100_normalized']:.3f} |"
         )
     lines += ["", "![learning curves](learning_curves.png)", "", "![per goal](per_goal.png)", ""]
 

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import UserError, default_run_dir, load_config, run_main, validate
+from common import EVAL_KEYS, UserError, default_run_dir, load_config, run_main, validate
 from env import goal_to_pos, optimal_return, split_goals, start_pos, step_positions
 from model import MODEL, ADConfig
 from model.ad import COMPRESS_END, COMPRESS_START, PAD_PREV, STEP, encode_prev, encode_state, n_state_ids
 
-EVAL_KEYS = ("eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "seed")
 SLACK = 3  # cache slots beyond n_transit: a step may append </compress>, <compress> and a step token
 
 

@@ -32,6 +32,7 @@ import yaml
 from common import (
     CONFIG_DIR,
     DEFAULT_COLLECT_CONFIG,
+    EVAL_KEYS,
     HISTORY_FORMAT_VERSION,
     ROOT,
     SCHEMA,
@@ -227,11 +228,13 @@ def stage_evaluate(plan: Plan) -> None:
         if why is None:
             say(stage, f"skip: {run_dir / 'eval_summary.json'} is newer than the checkpoint")
             continue
-        # evaluate.py rebuilds the model from the checkpoint's config; pass only the overrides that change it
-        # (eval_* settings; anything else is refused by evaluate.py with its own message)
+        # evaluate.py rebuilds the model from the checkpoint's config: pass the eval settings asked for now (from the
+        # config files and overrides) where they differ from those the run was trained with; any other changed key
+        # is passed too, so that evaluate.py refuses it with its own message
         trained = saved_config(run_dir) or {}
         given = {item.split("=", 1)[0].strip(): item for item in plan.overrides[mode]}  # the last one of a key wins
-        args = [item for k, item in given.items() if trained.get(k, cfg[k]) != cfg[k]]
+        args = [item for k, item in given.items() if k not in EVAL_KEYS and trained.get(k, cfg[k]) != cfg[k]]
+        args += [f"{k}={json.dumps(cfg[k])}" for k in EVAL_KEYS if trained.get(k) != cfg[k]]
         say(stage, f"{why}: evaluating {run_dir} in context on the held-out goals ({cfg['eval_episodes']} episodes)")
         run_stage(stage, "evaluate.py", ["--run-dir", str(run_dir), *args])
 

@@ -78,7 +78,8 @@ def test_mode_all_trains_evaluates_and_reports(workflow):
     assert "| metric | standard | compressed |" in md
     for _, label, *_ in ROWS:
         assert f"| {label} |" in md
-    assert "| goal | pos | optimum | standard mean | compressed mean | standard normalised | compressed normalised |" in md
+    assert ("| goal | pos | optimum | standard mean | compressed mean | standard normalised | compressed normalised "
+            "| standard last 100 | compressed last 100 | standard last 100 / opt | compressed last 100 / opt |") in md
 
     # report.json holds the runs' own numbers, nothing made up
     report = json.loads((root / "compare" / "report.json").read_text())
@@ -93,6 +94,7 @@ def test_mode_all_trains_evaluates_and_reports(workflow):
         assert m["mean_return_ci95"][mode] == pytest.approx(ev["ci95"])
         assert m["normalized_score"][mode] == pytest.approx(ev["normalized_score"])
         assert [g[f"{mode}_mean"] for g in report["per_goal"]] == pytest.approx([g["mean"] for g in ev["per_goal"]])
+        assert [g[f"{mode}_last100"] for g in report["per_goal"]] == pytest.approx([g["last100"] for g in ev["per_goal"]])
     assert m["test_acc_token_type"]["standard"] is None and m["test_acc_token_type"]["compressed"] is not None
     assert m["eval_precision_compress_end"]["standard"] is None and m["eval_recall_compress_end"]["compressed"] is not None
 
@@ -139,11 +141,35 @@ def test_mode_evaluate_redoes_only_a_stale_evaluation(workflow, tiny_history, tm
     root = copy_runs(workflow, tmp_path)
     ckpt = root / RUNS["compressed"] / "ckpt.pt"
     summary = root / RUNS["compressed"] / "eval_summary.json"
-    later = summary.stat().st_mtime + 10
-    os.utime(ckpt, (later, later))  # as if training had continued after the evaluation
+    later = summary.stat().st_mtime + 0.01
+    os.utime(ckpt, (later, later))  # as if training had continued just after the evaluation
     out = run_script(EXAMPLE, "--mode", "evaluate", *example_args(tiny_history, root)).stdout
     assert "[evaluate standard] skip" in out and "[evaluate compressed] the checkpoint is newer" in out
     assert summary.stat().st_mtime > later
+
+
+def test_run_trained_under_other_eval_defaults_is_evaluated_with_the_current_ones(workflow, tiny_history, tmp_path):
+    """A run whose checkpoint carries an older eval default: the report must use the settings asked for now."""
+    import torch
+    import yaml
+
+    from common import DEFAULT_MODEL_CONFIG, load_config
+
+    root = copy_runs(workflow, tmp_path)
+    run = root / RUNS["standard"]
+    ckpt = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt["config"]["eval_temperature"] = 0.25
+    torch.save(ckpt, run / "ckpt.pt")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "eval_temperature": 0.25}))
+    summary = json.loads((run / "eval_summary.json").read_text())
+    summary["eval_config"]["eval_temperature"] = 0.25
+    (run / "eval_summary.json").write_text(json.dumps(summary))  # newer than ckpt.pt: only the settings are stale
+    now = load_config(DEFAULT_MODEL_CONFIG)["eval_temperature"]
+    assert now != 0.25
+    out = run_script(EXAMPLE, "--mode", "evaluate", *example_args(tiny_history, root)).stdout
+    assert f"[evaluate standard] eval settings changed (eval_temperature 0.25 -> {now})" in out
+    assert json.loads((run / "eval_summary.json").read_text())["eval_config"]["eval_temperature"] == now
 
 
 def test_mode_compare_and_stage_errors(workflow, tiny_history, tmp_path):
