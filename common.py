@@ -169,9 +169,17 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: Path) -> No
 
 
 def run_main(main) -> None:
-    """Run `main()`, turning a `UserError` into one line on stderr and exit code 2."""
+    """Run `main()`, turning a `UserError` (exit code 2) or running out of memory (exit code 3) into one line on
+    stderr. Checkpoints and history files are written atomically, so nothing on disk is damaged either way."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        if not (isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text):
+            raise
+        print(f"error: out of memory ({text[:150]}); lower train_batch_size (training) or eval_streams (evaluation), "
+              "or use mixed_precision=bf16; the last checkpoint is kept", file=sys.stderr)
+        sys.exit(3)

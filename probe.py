@@ -75,11 +75,16 @@ def main():
                              seed=cfg["seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"],
                              device=device)
         s = summarize(res, test_goals, cfg)
-        k = min(20, args.episodes)
-        per_goal = res["returns"][..., -k:].mean((1, 2))
-        print(f"in-context, {args.episodes} episodes at T={cfg['eval_temperature']}: mean {s['mean_return']:.2f}, "
-              f"last {k} {per_goal.mean():.2f} (optimum {s['optimum_mean']:.2f}); per goal last {k}: "
-              + " ".join(f"{x:.1f}" for x in per_goal) + f"  ({time.perf_counter() - start:.0f} s)")
+        R = res["returns"]  # [goal, stream, episode]
+        k = min(100, args.episodes)
+        norm = R[..., -k:].mean((1, 2)) / np.array([g["optimum"] for g in s["per_goal"]])
+        hit = R > 0  # the episode of each stream's first reward (n_episodes if never)
+        first = np.where(hit.any(-1), hit.argmax(-1), args.episodes).flatten()
+        print(f"in-context, {args.episodes} episodes at T={cfg['eval_temperature']}, seed {cfg['seed']}: mean "
+              f"{s['mean_return']:.2f}, last {k} {R[..., -k:].mean():.2f} (optimum {s['optimum_mean']:.2f}); "
+              f"worst goal last {k} / optimum {norm.min():.2f} (goal {test_goals[norm.argmin()]}); first reward at "
+              f"episode median {np.median(first):.0f}, p90 {np.percentile(first, 90):.0f}, max {first.max()} "
+              f"({time.perf_counter() - start:.0f} s)")
         if "compression" in s:
             c = s["compression"]
             print(f"</compress> precision {c['precision_compress_end']:.3f} recall {c['recall_compress_end']:.3f}, "

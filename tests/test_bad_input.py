@@ -129,3 +129,32 @@ def test_bad_input_gives_one_line_and_changes_nothing(case, outcomes):
     assert proc.returncode != 0, proc.stdout
     assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], proc.stderr
     assert after == before, "files changed on disk"
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError(),
+])
+def test_out_of_memory_is_one_line_naming_the_fix(exc, capsys):
+    from common import run_main
+
+    def main():
+        raise exc
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 3 and len(err) == 1
+    assert err[0].startswith("error: out of memory") and "lower train_batch_size" in err[0]
+
+
+def test_other_runtime_errors_are_not_disguised():
+    from common import run_main
+
+    def main():
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_main(main)
