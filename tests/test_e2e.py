@@ -62,6 +62,6 @@ def test_tensorboard_has_the_metrics(tiny_history, tmp_path):
 
 
 def test_help_for_every_script():
-    for script in ("collect.py", "train.py", "evaluate.py"):
+    for script in ("collect.py", "train.py", "evaluate.py", "probe.py"):
         out = run_script(script, "--help")
         assert "key=value" in out.stdout
