@@ -35,7 +35,7 @@ SCHEMA: dict[str, type] = {
     "d_model": int, "n_layer": int, "n_head": int, "dropout": float, "state_embedding": str,
     # training
     "seed": int, "train_timesteps": int, "train_batch_size": int, "lr": float, "weight_decay": float,
-    "warmup_steps": int, "grad_clip": float, "mixed_precision": str, "log_interval": int,
+    "warmup_steps": int, "grad_clip": float, "mixed_precision": str, "deterministic": bool, "log_interval": int,
     "test_interval": int, "test_batches": int, "ckpt_interval": int,
     # evaluation
     "eval_episodes": int, "eval_streams": int, "eval_temperature": float, "eval_window_shift": int,

@@ -191,6 +191,9 @@ def main():
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    if cfg["deterministic"]:  # before CUDA starts: cuBLAS reads its workspace setting once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=not torch.cuda.is_available())
     main_proc = accelerator.is_main_process
 

@@ -27,7 +27,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 HISTORY = "history_darkroom_PPO_alg-seed42.hdf5"
 STEPS = 300
 CKPT_INTERVAL = 20
-TRAIN = [f"train_timesteps={STEPS}", "log_interval=5", "test_interval=10", f"ckpt_interval={CKPT_INTERVAL}", "dropout=0.1"]
+# deterministic=true: on GPU, bit-identical resume needs deterministic kernels (on CPU it changes nothing)
+TRAIN = [f"train_timesteps={STEPS}", "log_interval=5", "test_interval=10", f"ckpt_interval={CKPT_INTERVAL}", "dropout=0.1",
+         "deterministic=true"]
 TAGS = ("train/loss_action", "train/lr", "test/loss_action")
 
 
