@@ -3,7 +3,7 @@
     python collect.py [--config config/algorithm/ppo_darkroom.yaml] [--force] [key=value ...]
 
 Each goal runs `n_stream` parallel streams for `total_source_timesteps` steps each; a `<compress>` marker
-precedes the first step of every PPO rollout and a `</compress>` follows its last (DESIGN §2). The file is
+precedes the first step of every PPO rollout and a `</compress>` follows its last (docs/design.md §2). The file is
 built under `<name>.partial` and renamed when complete; a killed run resumes from the goals it finished.
 """
 
@@ -25,16 +25,9 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
-from common import DEFAULT_COLLECT_CONFIG, HISTORY_FORMAT_VERSION, UserError, add_config_args, history_path, load_config, run_main
+from common import DEFAULT_COLLECT_CONFIG, UserError, add_config_args, history_path, load_config, parse_goals, run_main
 from env import DarkroomVecEnv, goal_to_pos, optimal_return
-
-FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_start", "compress_end")
-COLLECT_KEYS = (  # the keys that determine a history file; a partial file is resumed only if they match
-    "env", "grid_size", "horizon", "alg", "alg_seed", "n_steps", "n_stream", "total_source_timesteps",
-    "ppo_batch_size", "ppo_n_epochs", "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda",
-    "ppo_clip_range", "ppo_net_arch",
-)
-
+from history import FIELDS, FORMAT_VERSION, collect_keys
 
 class HistoryCallback(BaseCallback):
     """Copies every transition of every stream into time-major arrays, with rollout-boundary markers."""
@@ -162,10 +155,10 @@ def recover_goals(partial: Path, f: h5py.File, wanted: dict) -> set:
 
 def open_partial(partial: Path, cfg: dict) -> tuple[h5py.File, set]:
     """Open a new `.partial` file, holding the finished goals of an interrupted run of this config if one exists."""
-    wanted = {k: cfg[k] for k in COLLECT_KEYS}
+    wanted = collect_keys(cfg)
     fresh = partial.with_name(partial.name + ".new")
     with h5py.File(fresh, "w") as f:
-        f.attrs["format_version"] = HISTORY_FORMAT_VERSION
+        f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["collect_keys"] = yaml.safe_dump(wanted)
         f.attrs["config"] = yaml.safe_dump(cfg)
         for k in ("grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps"):
@@ -185,18 +178,7 @@ def main():
                         help="output HDF5 path (default: <traj_dir>/history_<env>_<alg>_alg-seed<seed>.hdf5)")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    n_goals = cfg["grid_size"] ** 2
-    if args.goals:
-        try:
-            goals = sorted({int(g) for g in args.goals.split(",")})
-        except ValueError:
-            raise UserError(f"--goals must be comma-separated integers, got {args.goals!r}") from None
-        outside = [g for g in goals if not 0 <= g < n_goals]
-        if outside:
-            G = cfg["grid_size"]
-            raise UserError(f"--goals {outside[0]} is outside the {G}x{G} grid: use 0..{n_goals - 1}")
-    else:
-        goals = list(range(n_goals))
+    goals = parse_goals(args.goals, cfg["grid_size"] ** 2, "--goals") if args.goals else list(range(cfg["grid_size"] ** 2))
     out = Path(args.out) if args.out else history_path(cfg)
     if out.exists() and not args.force:
         raise UserError(f"history file {out} already exists: pass --force to replace it, or traj_dir=/alg_seed= for a new name")

@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parent
 CONFIG_DIR = ROOT / "config"
 DEFAULT_COLLECT_CONFIG = CONFIG_DIR / "algorithm" / "ppo_darkroom.yaml"
 DEFAULT_MODEL_CONFIG = CONFIG_DIR / "model" / "ad_dr.yaml"
-HISTORY_FORMAT_VERSION = 1
 
 
 class UserError(Exception):
@@ -23,7 +22,7 @@ class UserError(Exception):
 # Every key a config may hold, with its type. Anything else is a typo and is rejected.
 SCHEMA: dict[str, type] = {
     # env
-    "env": str, "grid_size": int, "horizon": int, "env_split_seed": int, "train_env_ratio": float,
+    "env": str, "grid_size": int, "horizon": int, "env_split_seed": int, "train_env_ratio": float, "n_val_tasks": int,
     # source algorithm / collection
     "alg": str, "alg_seed": int, "n_steps": int, "n_stream": int, "total_source_timesteps": int,
     "ppo_batch_size": int, "ppo_n_epochs": int, "ppo_lr": float, "ppo_ent_coef": float,
@@ -32,14 +31,15 @@ SCHEMA: dict[str, type] = {
     # model
     "model": str, "run_name": str, "use_compressed_context": bool, "n_transit": int,
     "compress_interval": int, "max_regions": int, "token_type_loss_weight": float,
-    "d_model": int, "n_layer": int, "n_head": int, "dropout": float, "state_embedding": str,
+    "d_model": int, "n_layer": int, "n_head": int, "dropout": float, "state_embedding": str, "compile": bool,
     # training
     "seed": int, "train_timesteps": int, "train_batch_size": int, "lr": float, "weight_decay": float,
     "warmup_steps": int, "grad_clip": float, "mixed_precision": str, "deterministic": bool, "log_interval": int,
-    "test_interval": int, "test_batches": int, "ckpt_interval": int,
+    "test_interval": int, "test_batches": int, "ckpt_interval": int, "num_threads": int, "val_episodes": int,
+    "val_streams": int,
     # evaluation
     "eval_episodes": int, "eval_streams": int, "eval_temperature": float, "eval_window_shift": int,
-    "eval_cache": bool,
+    "eval_cache": bool, "eval_seed": int, "eval_prune": str,
 }
 POSITIVE = {
     "grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps", "ppo_batch_size",
@@ -126,18 +126,36 @@ def validate(cfg: dict) -> dict:
                 f"n_transit={cfg['n_transit']} is too small for {cfg['max_regions']} regions of "
                 f"{cfg['compress_interval']} steps plus markers: set n_transit>={need}"
             )
+    if cfg.get("eval_prune", "model") not in PRUNE_RULES:
+        raise UserError(f"eval_prune must be one of {', '.join(PRUNE_RULES)}; got {cfg['eval_prune']!r}")
+    for k in ("n_val_tasks", "val_episodes", "val_streams", "num_threads"):
+        if cfg.get(k, 0) < 0:
+            raise UserError(f"config key '{k}' must be >= 0, got {cfg[k]!r}")
     if cfg.get("mixed_precision", "no") not in ("no", "fp16", "bf16"):
         raise UserError(f"mixed_precision must be one of no, fp16, bf16; got {cfg['mixed_precision']!r}")
     return cfg
 
 
-# the keys evaluate.py may set on top of a checkpoint's config (everything else is fixed by the checkpoint)
-EVAL_KEYS = ("eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "seed")
+# the keys evaluate.py and probe.py may set on top of a checkpoint's config (everything else is fixed by the checkpoint,
+# except traj_dir: where to find the history file, which probe.py reads)
+EVAL_KEYS = ("eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "eval_seed", "eval_prune")
+PRUNE_RULES = ("model", "fixed")  # compressed evaluation: close a region when the head says so / every compress_interval
 
 
 def min_compressed_context(interval: int, max_regions: int) -> int:
     """Longest sequence: `C r E` per kept region, less the `E` of the newest one (`C r1 E C r2`)."""
     return max_regions * (interval + 2) - 1
+
+
+def apply_overrides(cfg: dict, overrides: list[str], allowed: tuple[str, ...], what: str) -> dict:
+    """`cfg` with `key=value` overrides of the `allowed` keys only (type-checked, then `validate`d); any other key
+    is refused, naming what fixes it (e.g. a checkpoint's config: only eval keys may change)."""
+    cfg = dict(cfg)
+    for k, v in parse_overrides(overrides).items():
+        if k not in allowed:
+            raise UserError(f"'{k}' is fixed by {what}; only {', '.join(allowed)} can be set here")
+        cfg[k] = _check_type(k, v, "command-line override")
+    return validate(cfg)
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | dict | None = None) -> dict:
@@ -148,6 +166,18 @@ def load_config(path: str | os.PathLike, overrides: list[str] | dict | None = No
     for k, v in ov.items():
         cfg[k] = _check_type(k, v, "command-line override")
     return validate(cfg)
+
+
+def parse_goals(text: str, n_goals: int, flag: str = "--goals") -> list[int]:
+    """`"0,1,38"` -> sorted unique goal indices, each checked to be in 0..n_goals-1."""
+    try:
+        goals = sorted({int(g) for g in text.split(",")})
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    outside = [g for g in goals if not 0 <= g < n_goals]
+    if outside:
+        raise UserError(f"{flag} {outside[0]} is outside the task range: use 0..{n_goals - 1}")
+    return goals
 
 
 def history_path(cfg: dict) -> Path:

@@ -29,10 +29,11 @@ ROWS = (
     ("targets_per_s", "training targets/s", "train", "targets_per_s", "{:,.0f}"),
     ("peak_rss_mb", "peak memory (MB RSS)", "train", "peak_rss_mb", "{:,.0f}"),
     ("train_seconds", "training time (s)", "train", "seconds", "{:,.1f}"),
-    ("test_acc_action", "test acc_action", "train", "test/acc_action", "{:.3f}"),
-    ("test_acc_token_type", "test acc_token_type", "train", "test/acc_token_type", "{:.3f}"),
-    ("test_precision_compress_end", "test `</compress>` precision", "train", "test/precision_compress_end", "{:.3f}"),
-    ("test_recall_compress_end", "test `</compress>` recall", "train", "test/recall_compress_end", "{:.3f}"),
+    ("val_acc_action", "val acc_action (teacher-forced)", "train", "val/acc_action", "{:.3f}"),
+    ("val_acc_token_type", "val acc_token_type", "train", "val/acc_token_type", "{:.3f}"),
+    ("val_precision_compress_end", "val `</compress>` precision", "train", "val/precision_compress_end", "{:.3f}"),
+    ("val_recall_compress_end", "val `</compress>` recall", "train", "val/recall_compress_end", "{:.3f}"),
+    ("val_return", "val in-context return at the end of training", "train", "val/return", "{:.2f}"),
     ("mean_return", "held-out mean return ± 95% CI", "eval", "mean_return", "{:.2f}"),
     ("last100_mean", "held-out last-100-episode mean", "eval", "last100_mean", "{:.2f}"),
     ("optimum_mean", "oracle mean return", "eval", "optimum_mean", "{:.2f}"),
@@ -55,8 +56,9 @@ def _read_json(path: Path, hint: str) -> dict:
         raise UserError(f"{path} is not valid JSON (cut off?); {hint}") from None
 
 
-def load_run(run_dir: Path, mode: str) -> dict:
-    """The summaries and per-episode returns of one evaluated run, checked to be of the expected mode."""
+def read_results(run_dir: Path, mode: str) -> dict:
+    """The summaries and per-episode returns of one evaluated run, checked to be of the expected mode and to be an
+    evaluation of the weights this training produced (not of an earlier training in the same dir)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run dir {run_dir} does not exist; train and evaluate it first (example_compressed_training.py)")
@@ -64,6 +66,10 @@ def load_run(run_dir: Path, mode: str) -> dict:
     ev = _read_json(run_dir / "eval_summary.json", f"evaluate first: python evaluate.py --run-dir {run_dir}")
     if ev.get("mode") != mode:
         raise UserError(f"{run_dir} is a {ev.get('mode')}-mode run, but was given as the {mode} run; swap the two run dirs")
+    trained = (train.get("weights_sha256_per_rank") or [None])[0]
+    if ev.get("weights_sha256") != trained:
+        raise UserError(f"{run_dir / 'eval_summary.json'} is an evaluation of other weights than this training's "
+                        f"(stale: the run was retrained or the evaluation copied); re-run python evaluate.py --run-dir {run_dir}")
     curves = run_dir / "eval_result.npy"
     if not curves.is_file():
         raise UserError(f"{curves} not found; evaluate first: python evaluate.py --run-dir {run_dir}")
@@ -167,12 +173,17 @@ def plot_per_goal(per_goal: list[dict], path: Path) -> None:
 
 def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: str | Path) -> dict:
     """Write report.md, report.json, learning_curves.png and per_goal.png to `out_dir`; returns report.json's dict."""
-    runs = {"standard": load_run(Path(standard_dir), "standard"), "compressed": load_run(Path(compressed_dir), "compressed")}
+    runs = {mode: read_results(Path(d), mode) for mode, d in (("standard", standard_dir), ("compressed", compressed_dir))}
     std_eval, cmp_eval = runs["standard"]["eval"], runs["compressed"]["eval"]
     if [g["goal"] for g in std_eval["per_goal"]] != [g["goal"] for g in cmp_eval["per_goal"]]:
         raise UserError(
             f"{standard_dir} and {compressed_dir} were evaluated on different goals; evaluate both with the same split"
         )
+    for key in ("eval_episodes", "eval_streams", "eval_seed"):
+        a, b = std_eval.get("eval_config", {}).get(key), cmp_eval.get("eval_config", {}).get(key)
+        if a != b:
+            raise UserError(f"{standard_dir} and {compressed_dir} were evaluated with {key}={a} vs {b}; "
+                            f"evaluate both with the same {key} (evaluate.py {key}=... --force)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -221,12 +232,13 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
             )
     lines += [
         "",
-        "Test metrics are teacher-forced on the held-out goals' PPO histories; the return rows are in-context "
-        "rollouts (actions sampled, no weight updates). `</compress>` precision/recall count a close as correct "
+        "Val metrics are teacher-forced on the validation goals' PPO histories, at the end of training; the return rows "
+        "are in-context rollouts on the evaluated split (actions sampled, no weight updates). `</compress>` "
+        "precision/recall count a close as correct "
         "when it falls on the true region grid. Before/after a prune: reward per step in the episode-length "
         "window before vs after the oldest region is dropped.",
         "",
-        "## Per held-out goal",
+        "## Per evaluated goal",
         "",
         "Mean return over all episodes and streams, over the last 100 episodes, and that last-100 mean as a fraction "
         "of the goal's optimum.",

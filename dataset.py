@@ -1,8 +1,9 @@
-"""Training sequences sampled from the PPO learning histories (DESIGN §3).
+"""Training sequences sampled from the PPO learning histories (docs/design.md §3).
 
 - Standard mode: a window of `n_transit` consecutive steps of one stream, an action target at every step.
-- Compressed mode: `<compress> region_{k-1} </compress> <compress> region_k` of one stream (or the single
-  first region `<compress> region_0`), with action and token-type targets at every step token.
+- Compressed mode: `max_regions` consecutive regions of one stream, `C r_{k-m+1} E ... E C r_k` (fewer at the start
+  of a history: `C r_0`, `C r_0 E C r_1`, ...), exactly the contexts evaluation keeps; action and token-type targets
+  at every step token.
 
 Sampling is a pure function of (seed, rank, step), so a resumed or multi-process run draws exactly the
 batches it would have drawn, and each rank draws its own.
@@ -17,11 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from common import HISTORY_FORMAT_VERSION, UserError
-from env import split_goals
+from common import UserError
+from env import task_split
+from history import check_history, open_history
 from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, PAD_PREV, STEP, encode_prev, encode_state, n_state_ids
 
-FIELDS = ("states", "actions", "rewards", "dones", "compress_start", "compress_end")
+SEQUENCE_KEYS = ("type_ids", "state_ids", "prev_ids", "target_action", "target_token_type")  # (B, T) batch entries
+READ = ("states", "actions", "rewards", "dones", "compress_start", "compress_end")  # the history fields training reads
 
 
 def stream_tokens(states, actions, rewards, dones, grid_size):
@@ -35,27 +38,14 @@ def stream_tokens(states, actions, rewards, dones, grid_size):
 
 def load_history(path: Path, cfg: dict, goals: list[int], need_markers: bool) -> dict:
     """Read the goals' histories into memory as token ids, after checking the file matches `cfg`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"history file not found: {path}; run `python collect.py` first (or set traj_dir=)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise UserError(f"history file {path} is truncated or corrupt; delete it and re-run collect.py") from None
-    with f:
-        if f.attrs.get("format_version") != HISTORY_FORMAT_VERSION:
-            raise UserError(f"history file {path} has format {f.attrs.get('format_version')}, expected "
-                            f"{HISTORY_FORMAT_VERSION}; re-run collect.py")
-        for key in ("grid_size", "n_steps", "horizon"):
-            if int(f.attrs[key]) != cfg[key]:
-                raise UserError(f"history file {path} was collected with {key}={int(f.attrs[key])} but the config says "
-                                f"{key}={cfg[key]}; re-run collect.py with this config or set {key}={int(f.attrs[key])}")
+    with open_history(path) as f:
+        check_history(f, path, cfg)
         out = {}
         for g in goals:
             if str(g) not in f:
                 continue
             try:
-                d = {k: f[str(g)][k][:] for k in FIELDS}
+                d = {k: f[str(g)][k][:] for k in READ}
             except Exception:  # KeyError, OSError, ValueError...: whatever a damaged file raises
                 msg = f"history file {path} is truncated or corrupt (goal {g}); delete it and re-run collect.py"
                 raise UserError(msg) from None
@@ -81,25 +71,25 @@ def region_bounds(cstart: np.ndarray, cend: np.ndarray, path, goal) -> np.ndarra
 
 
 class HistoryDataset(IterableDataset):
-    """Never-ending stream of batches for one split ("train" or "test") of the goals."""
+    """Never-ending stream of batches for one split ("train", "val" or "test") of the goals."""
 
     def __init__(self, path, cfg: dict, split: str, batch_size: int, seed: int, rank: int = 0, start_step: int = 0):
-        train_goals, test_goals = split_goals(cfg["grid_size"], cfg["env_split_seed"], cfg["train_env_ratio"])
-        goals = train_goals if split == "train" else test_goals
         self.compressed = cfg["use_compressed_context"]
-        self.data = load_history(path, cfg, goals, need_markers=self.compressed)
+        self.data = load_history(path, cfg, task_split(cfg, split), need_markers=self.compressed)
         if not self.data:
             raise UserError(f"history file {path} holds none of the {split} goals; collect all goals (no --goals)")
         self.goals = sorted(self.data)
-        self.n_transit, self.batch_size = cfg["n_transit"], batch_size
+        self.n_transit, self.batch_size, self.max_regions = cfg["n_transit"], batch_size, cfg["max_regions"]
+        self.n_steps = cfg["n_steps"]
         self.seed, self.rank, self.step = seed, rank, start_step
         self.pad_state = n_state_ids(cfg["grid_size"]) - 1
         if self.compressed:
             regions = self.data[self.goals[0]]["regions"]
-            longest = (regions[:, 1] - regions[:, 0]).max()
-            if 2 * longest + 3 > self.n_transit:
-                raise UserError(f"n_transit={self.n_transit} is too small for region pairs of {longest} steps: "
-                                f"set n_transit>={2 * longest + 3}")
+            longest = int((regions[:, 1] - regions[:, 0]).max())
+            need = self.max_regions * (longest + 2) - 1
+            if need > self.n_transit:
+                raise UserError(f"n_transit={self.n_transit} is too small for {self.max_regions} regions of {longest} steps "
+                                f"plus markers: set n_transit>={need}")
 
     def __iter__(self):
         while True:
@@ -121,7 +111,33 @@ class HistoryDataset(IterableDataset):
             length = max(length, end)
         # a batch is as long as its longest sample: the causal model never looks at trailing padding, so dropping it
         # changes no output and saves compute (a compressed pair is 163 of the 168 positions of n_transit)
-        return {k: torch.from_numpy(np.ascontiguousarray(v[:, :length]) if v.ndim == 2 else v) for k, v in b.items()}
+        return self._trim(b, length)
+
+    def final_contexts(self, goal: int) -> dict:
+        """A batch of every stream of `goal` at the end of its history, as training sees it: the last region with the
+        regions kept before it (compressed) or the last `n_transit` steps (standard). `in_last` (S, L) marks the step
+        tokens of the last PPO rollout, whose actions PPO took after learning the most."""
+        d = self.data[goal]
+        T, S = d["actions"].shape
+        b, length = self._empty(S), 0
+        for s in range(S):
+            if self.compressed:
+                length = self._compressed_sample(b, s, d, s, len(d["regions"]) - 1)
+            else:
+                length = self._put_steps(b, s, 0, d, s, max(T - self.n_transit, 0), T)
+        idx = np.arange(length)[None]
+        if self.compressed:  # after the last <compress>
+            last_c = np.where(b["type_ids"][:, :length] == COMPRESS_START, idx, -1).max(1, keepdims=True)
+            in_last = idx > last_c
+        else:
+            in_last = idx >= length - self.n_steps
+        out = self._trim(b, length)
+        out["in_last"] = torch.from_numpy(in_last & (out["target_action"].numpy() != IGNORE))
+        return out
+
+    @staticmethod
+    def _trim(b: dict, length: int) -> dict:
+        return {k: torch.from_numpy(np.ascontiguousarray(v[:, :length]) if k in SEQUENCE_KEYS else v) for k, v in b.items()}
 
     def _empty(self, n: int) -> dict:
         L = self.n_transit
@@ -133,8 +149,8 @@ class HistoryDataset(IterableDataset):
         }
         if self.compressed:
             b["target_token_type"] = np.full((n, L), IGNORE, np.int64)
-            b["prev_region_len"] = np.zeros(n, np.int64)
-            b["curr_region_len"] = np.zeros(n, np.int64)
+            b["n_regions"] = np.zeros(n, np.int64)
+            b["region_lens"] = np.zeros((n, self.max_regions), np.int64)  # oldest first; 0 where fewer regions
         return b
 
     def _put_steps(self, b, i, at, d, stream, t0, t1):
@@ -153,14 +169,16 @@ class HistoryDataset(IterableDataset):
         return self._put_steps(b, i, 0, d, stream, t0, min(t0 + self.n_transit, T))
 
     def _compressed_sample(self, b, i, d, stream, k):
-        """`C r_{k-1} E C r_k` (k > 0) or `C r_0` (k == 0): the `_get_compressed_context_sample` of the docs."""
+        """`C r_{k-m+1} E ... E C r_k` with m = min(max_regions, k + 1): the newest region k and the closed regions before
+        it that evaluation would still keep (the `_get_compressed_context_sample` of the docs, for any max_regions)."""
         regions, at = d["regions"], 0
-        if k > 0:
+        first = max(0, k - self.max_regions + 1)
+        for j, r in enumerate(range(first, k + 1)):
             b["type_ids"][i, at] = COMPRESS_START
-            at = self._put_steps(b, i, at + 1, d, stream, *regions[k - 1])
-            b["type_ids"][i, at] = COMPRESS_END
-            at += 1
-            b["prev_region_len"][i] = regions[k - 1, 1] - regions[k - 1, 0]
-        b["type_ids"][i, at] = COMPRESS_START
-        b["curr_region_len"][i] = regions[k, 1] - regions[k, 0]
-        return self._put_steps(b, i, at + 1, d, stream, *regions[k])
+            at = self._put_steps(b, i, at + 1, d, stream, *regions[r])
+            b["region_lens"][i, j] = regions[r, 1] - regions[r, 0]
+            if r < k:
+                b["type_ids"][i, at] = COMPRESS_END
+                at += 1
+        b["n_regions"][i] = k + 1 - first
+        return at

@@ -1,13 +1,16 @@
-"""In-context evaluation on the held-out goals: no weight updates, the model must learn from its context.
+"""In-context evaluation on held-out goals: no weight updates, the model must learn from its context.
 
-    python evaluate.py [--run-dir DIR] [--config FILE] [key=value ...]
+    python evaluate.py [--run-dir DIR] [--config FILE] [--split test|val] [--force] [key=value ...]
 
-All test goals x `eval_streams` rollouts run as one batch for `eval_episodes` episodes, actions sampled from
-the softmax (DESIGN §4). Standard mode keeps a FIFO window of `n_transit` steps (dropping the oldest
-`eval_window_shift` when full); compressed mode closes a region whenever the token-type head says
-`</compress>` and prunes the oldest so that at most `max_regions` remain. Keys/values are cached between
-steps and recomputed only for streams whose window was pruned or shifted.
-Writes DIR/eval_result.npy ([n_goals, n_episodes], mean over streams) and DIR/eval_summary.json.
+All goals of the split x `eval_streams` rollouts run as one batch for `eval_episodes` episodes, actions sampled
+from the softmax at `eval_temperature` with `eval_seed` (docs/design.md §4). Standard mode keeps a FIFO window of
+`n_transit` steps (dropping the oldest `eval_window_shift` when full); compressed mode closes a region whenever the
+token-type head says `</compress>` (`eval_prune=model`) or every `compress_interval` steps (`eval_prune=fixed`), and
+prunes the oldest so that at most `max_regions` remain. Keys/values are cached between steps and recomputed only
+for streams whose window was pruned or shifted.
+Writes DIR/eval_result.npy ([n_goals, n_episodes], mean over streams) and DIR/eval_summary.json, which records the
+split, the eval settings and the digest of the weights it evaluated. An evaluation of the same weights with other
+settings is never replaced without --force.
 """
 
 from __future__ import annotations
@@ -21,16 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import EVAL_KEYS, UserError, default_run_dir, load_config, run_main, validate
-from env import goal_to_pos, optimal_return, split_goals, start_pos, step_positions
-from model import MODEL, ADConfig
+from common import DEFAULT_MODEL_CONFIG, EVAL_KEYS, UserError, apply_overrides, default_run_dir, load_config, run_main
+from env import SPLITS, goal_to_pos, optimal_return, start_pos, step_positions, task_split
+from model import MODEL, ADConfig, weights_digest
 from model.ad import COMPRESS_END, COMPRESS_START, PAD_PREV, STEP, encode_prev, encode_state, n_state_ids
 
 SLACK = 3  # cache slots beyond n_transit: a step may append </compress>, <compress> and a step token
 
 
-def load_run(run_dir: Path, overrides: list[str], device) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model from `run_dir/ckpt.pt` (its config is inside); overrides may change eval keys only."""
+def load_run(run_dir: Path, overrides: list[str], device, allowed: tuple[str, ...] = EVAL_KEYS) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from `run_dir/ckpt.pt` (its config is inside); overrides may change the `allowed` keys only."""
     if not run_dir.is_dir():
         what = "is not a directory" if run_dir.exists() else "does not exist"
         raise UserError(f"run dir {run_dir} {what}; pass --run-dir of a trained run (see `ls runs/`)")
@@ -47,13 +50,9 @@ def load_run(run_dir: Path, overrides: list[str], device) -> tuple[torch.nn.Modu
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable or does not match its model ({e.__class__.__name__}); "
                         "retrain") from None
-    from common import _check_type, parse_overrides
-
-    for k, v in parse_overrides(overrides).items():
-        if k not in EVAL_KEYS:
-            raise UserError(f"'{k}' is fixed by the checkpoint; at evaluation only {', '.join(EVAL_KEYS)} can be set")
-        cfg[k] = _check_type(k, v, "command-line override")
-    return model.to(device).eval(), validate(cfg)
+    cfg = apply_overrides(cfg, overrides, allowed, "the checkpoint")
+    model.trained_steps = int(ckpt["step"])
+    return model.to(device).eval(), cfg
 
 
 class Contexts:
@@ -136,6 +135,7 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
     """Roll out `len(goals) * n_streams` streams for `n_episodes` episodes each, learning in context only."""
     G, H = cfg["grid_size"], cfg["horizon"]
     compressed, n_transit, max_regions = cfg["use_compressed_context"], cfg["n_transit"], cfg["max_regions"]
+    fixed_prune = compressed and cfg.get("eval_prune", "model") == "fixed"
     B = len(goals) * n_streams
     goal_pos = np.repeat(np.array([goal_to_pos(g, G) for g in goals]), n_streams, axis=0)  # [B, 2], goal-major
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -182,7 +182,10 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
 
         if compressed:
             region_len += 1
-            says_end = (logits_t.argmax(-1) == COMPRESS_END).cpu().numpy()
+            if fixed_prune:  # the compressed-fixed arm: the grid decides, not the head
+                says_end = region_len >= cfg["compress_interval"]
+            else:
+                says_end = (logits_t.argmax(-1) == COMPRESS_END).cpu().numpy()
             closing = np.flatnonzero(says_end | (region_len >= max_region_len))
             if len(closing):  # all closing streams at once: </compress>, prune the oldest region if over budget, <compress>
                 for b in closing:
@@ -234,6 +237,7 @@ def prune_quality(rewards: np.ndarray, prunes: list[list[int]], window: int) -> 
 
 
 def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
+    """Everything eval_summary.json reports about one in-context run (`res` from `run_in_context`)."""
     returns = res["returns"]  # [n_goals, n_streams, n_episodes]
     G, H = cfg["grid_size"], cfg["horizon"]
     per_stream = returns.mean(-1).flatten()
@@ -248,6 +252,7 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
     n_total = returns.shape[-1] * H
     s = {
         "mode": "compressed" if cfg["use_compressed_context"] else "standard",
+        "goals": [int(g) for g in goals],
         "n_goals": len(goals), "n_streams": returns.shape[1], "n_episodes": returns.shape[-1],
         "mean_return": float(returns.mean()), "ci95": float(ci),
         "last50_mean": float(returns[..., -50:].mean()), "last100_mean": float(returns[..., -100:].mean()),
@@ -279,33 +284,58 @@ def print_table(s: dict) -> None:
               f"{c.get('reward_per_step_after_prune', float('nan')):.3f}")
 
 
+def refuse_overwrite(summary_path: Path, new: dict) -> str | None:
+    """Why writing `new` over `summary_path` would lose an evaluation (same weights, other settings), or None."""
+    if not summary_path.is_file():
+        return None
+    try:
+        old = json.loads(summary_path.read_text())
+    except json.JSONDecodeError:
+        return None  # a cut-off file holds nothing to keep
+    if old.get("weights_sha256") != new["weights_sha256"]:
+        return None  # an evaluation of older weights is stale: replaced (and said so)
+    changed = [f"{k}={old.get('eval_config', {}).get(k)!r} (now {v!r})" for k, v in new["eval_config"].items()
+               if old.get("eval_config", {}).get(k) != v]
+    if old.get("split") != new["split"]:
+        changed.insert(0, f"split={old.get('split')!r} (now {new['split']!r})")
+    return ", ".join(changed) or None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=None, help="trained run (default: the run dir of --config, runs/AD-darkroom-seed0)")
     parser.add_argument("--config", default=None,
                         help="config whose default run dir to evaluate (default: config/model/ad_dr.yaml)")
+    parser.add_argument("--split", choices=[s for s in SPLITS if s != "train"], default="test",
+                        help="held-out goals to evaluate on: test (default; report a finished run) or val (tuning)")
+    parser.add_argument("--out-dir", default=None, help="where eval_summary.json / eval_result.npy go (default: the run dir)")
+    parser.add_argument("--force", action="store_true", help="replace an evaluation of the same weights made with other settings")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"override eval keys: {', '.join(EVAL_KEYS)}")
     args = parser.parse_args()
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-    else:
-        from common import DEFAULT_MODEL_CONFIG
-
-        run_dir = default_run_dir(load_config(args.config or DEFAULT_MODEL_CONFIG))
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(load_config(args.config or DEFAULT_MODEL_CONFIG))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_run(run_dir, args.overrides, device)
-    _, test_goals = split_goals(cfg["grid_size"], cfg["env_split_seed"], cfg["train_env_ratio"])
+    out_dir = Path(args.out_dir) if args.out_dir else run_dir
+    digest = weights_digest(model.state_dict())
+    goals = task_split(cfg, args.split)
+    planned = {"split": args.split, "weights_sha256": digest, "eval_config": {k: cfg[k] for k in EVAL_KEYS}}
+    clash = refuse_overwrite(out_dir / "eval_summary.json", planned)
+    if clash and not args.force:
+        raise UserError(f"{out_dir / 'eval_summary.json'} holds an evaluation of these weights with {clash}; "
+                        "pass --force to replace it, or --out-dir for another place")
     start = time.perf_counter()
-    res = run_in_context(model, cfg, test_goals, n_streams=cfg["eval_streams"], n_episodes=cfg["eval_episodes"],
-                         seed=cfg["seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"], device=device)
+    res = run_in_context(model, cfg, goals, n_streams=cfg["eval_streams"], n_episodes=cfg["eval_episodes"],
+                         seed=cfg["eval_seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"], device=device)
     secs = time.perf_counter() - start
-    s = summarize(res, test_goals, cfg)
-    s["seconds"] = secs
-    s["eval_config"] = {k: cfg[k] for k in EVAL_KEYS}
-    np.save(run_dir / "eval_result.npy", res["returns"].mean(1))
-    (run_dir / "eval_summary.json").write_text(json.dumps(s, indent=1))
+    s = {**summarize(res, goals, cfg), **planned, "checkpoint_step": model.trained_steps, "seconds": secs}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "eval_result.npy", res["returns"].mean(1))
+    (out_dir / "eval_summary.json").write_text(json.dumps(s, indent=1))
     print_table(s)
-    print(f"evaluated in {secs:.1f} s; wrote {run_dir / 'eval_result.npy'} and {run_dir / 'eval_summary.json'}")
+    if clash:
+        print(f"note: replaced an evaluation with {clash} (--force)")
+    print(f"evaluated on the {args.split} goals in {secs:.1f} s; wrote {out_dir / 'eval_result.npy'} and "
+          f"{out_dir / 'eval_summary.json'}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ at any time and re-run the same command: finished stages are skipped.
 - collect: skipped when the history file opens and holds every goal asked for (all, or --goals);
   an unreadable or incomplete file is collected again (collect.py --force keeps it until the new one is done).
 - train: skipped when the run reached train_timesteps (train_summary.json, or ckpt.pt's step); otherwise
-  train.py is called and resumes from ckpt.pt by itself.
-- evaluate: skipped when eval_summary.json is newer than ckpt.pt and used the same eval_* settings.
+  train.py is called and resumes from ckpt.pt by itself. With >= 2 cores the two modes train at once, one thread
+  each, logging to RUN_DIR/train.log (--sequential: one after the other, progress bars on the terminal).
+- evaluate: skipped when eval_summary.json is an evaluation of this training's weights on --split with the same
+  eval_* settings; otherwise evaluate.py replaces it (and says so).
 - compare: always rewritten from the two runs (compare.write_report).
 Overrides `key=value` apply to every stage (collect.py gets the collection keys); `standard.key=value` or
 `compressed.key=value` apply to one mode only. Run dirs: RUNS_ROOT/<run_name>-seed<seed> (the names train.py
@@ -21,28 +23,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import h5py
 import yaml
 
 from common import (
     CONFIG_DIR,
     DEFAULT_COLLECT_CONFIG,
     EVAL_KEYS,
-    HISTORY_FORMAT_VERSION,
     ROOT,
     SCHEMA,
     UserError,
     default_run_dir,
     history_path,
     load_config,
+    parse_goals,
     parse_overrides,
     run_main,
 )
+from history import check_history, complete_goals, open_history
 
 MODEL_CONFIGS = {"standard": CONFIG_DIR / "model" / "ad_dr.yaml", "compressed": CONFIG_DIR / "model" / "ad_dr_compressed.yaml"}
 STAGES = {
@@ -52,7 +55,6 @@ STAGES = {
     "compare": ["compare"],
     "all": ["collect", "train", "evaluate", "compare"],
 }
-HISTORY_KEYS = ("grid_size", "n_steps", "horizon")  # what training needs the history file to agree on
 
 
 class Plan:
@@ -76,10 +78,7 @@ class Plan:
         self.history = history_path(self.collect_cfg)
         self.goals_arg = goals
         n_goals = self.collect_cfg["grid_size"] ** 2
-        try:
-            self.goals = sorted({int(g) for g in goals.split(",")}) if goals else list(range(n_goals))
-        except ValueError:
-            raise UserError(f"--goals must be comma-separated integers, got {goals!r}") from None
+        self.goals = parse_goals(goals, n_goals) if goals else list(range(n_goals))
         self.runs_root = runs_root
         self.run_dirs = {m: runs_root / default_run_dir(cfg).name for m, cfg in self.cfgs.items()}
         if models and self.run_dirs["standard"] == self.run_dirs["compressed"]:
@@ -126,23 +125,17 @@ def run_stage(stage: str, script: str, args: list[str]) -> None:
 
 
 def history_problem(path: Path, goals: list[int], cfg: dict) -> str | None:
-    """None if `path` is a complete history holding `goals`, else what is wrong with it (to collect again)."""
+    """None if `path` is a complete history of this config holding `goals`, else what is wrong with it (to collect
+    again); a complete file of another config (say a smoke collection at the default path) is an error."""
     if not path.exists():
         return "does not exist"
     try:
-        f = h5py.File(path, "r")
-    except OSError:
-        return "is unreadable (cut off or corrupt)"
+        f = open_history(path)
+    except UserError as e:
+        return f"is unusable ({str(e).split(';')[0]})"
     with f:
-        if f.attrs.get("format_version") != HISTORY_FORMAT_VERSION:
-            return f"has format {f.attrs.get('format_version')}, not {HISTORY_FORMAT_VERSION}"
-        for k in HISTORY_KEYS:
-            if int(f.attrs.get(k, -1)) != cfg[k]:
-                raise UserError(
-                    f"history file {path} was collected with {k}={int(f.attrs.get(k, -1))}, but the config says "
-                    f"{k}={cfg[k]}: set {k}={int(f.attrs.get(k, -1))}, or traj_dir=<another dir> to collect a new one"
-                )
-        missing = [g for g in goals if str(g) not in f or not f[str(g)].attrs.get("complete", False)]
+        check_history(f, path, cfg)
+        missing = set(goals) - complete_goals(f)
     return f"is missing {len(missing)} of the {len(goals)} goals asked for" if missing else None
 
 
@@ -179,7 +172,9 @@ def trained_steps(run_dir: Path, target: int) -> int | None:
     return steps
 
 
-def stage_train(plan: Plan) -> None:
+def train_todo(plan: Plan) -> list[tuple[str, list[str]]]:
+    """(mode, train.py arguments) of every run that is not finished yet; finished runs are checked and skipped."""
+    todo = []
     for mode, cfg in plan.cfgs.items():
         stage, run_dir = f"train {mode}", plan.run_dirs[mode]
         steps = trained_steps(run_dir, cfg["train_timesteps"])
@@ -203,30 +198,77 @@ def stage_train(plan: Plan) -> None:
             say(stage, f"resuming {run_dir} from its checkpoint ({steps} of {cfg['train_timesteps']} steps)")
         else:
             say(stage, f"training {mode} AD from scratch in {run_dir} ({cfg['train_timesteps']} steps)")
-        run_stage(stage, "train.py", ["--config", str(MODEL_CONFIGS[mode]), "--run-dir", str(run_dir), *plan.overrides[mode]])
+        todo.append((mode, ["--config", str(MODEL_CONFIGS[mode]), "--run-dir", str(run_dir), *plan.overrides[mode]]))
+    return todo
 
 
-def eval_staleness(run_dir: Path, cfg: dict) -> str | None:
-    """None if eval_summary.json is newer than ckpt.pt and used the eval settings asked for now, else why not."""
-    summary, ckpt = run_dir / "eval_summary.json", run_dir / "ckpt.pt"
+def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]]) -> None:
+    """Run several repo scripts at once, one thread each (`num_threads=1`), each logging to its own file: on a
+    2-core CPU two single-thread trainings finish sooner than the same two one after the other with 2 threads each
+    (docs/experiments.md E8). A failure stops the others and shows the failed job's log tail."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = {}
+    start = time.perf_counter()
+    for name, (script, args, log) in jobs.items():
+        log.parent.mkdir(parents=True, exist_ok=True)
+        say(name, f"run: python {script} {' '.join(args)} num_threads=1  (log: {log})")
+        procs[name] = (subprocess.Popen([sys.executable, str(ROOT / script), *args, "num_threads=1"], env=env,
+                                        stdout=log.open("w"), stderr=subprocess.STDOUT), log)
+    try:
+        pending = dict(procs)
+        while pending:
+            for name, (proc, log) in list(pending.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del pending[name]
+                if rc != 0:
+                    print("\n".join(log.read_text().splitlines()[-15:]), file=sys.stderr)
+                    raise UserError(f"stage '{name}' failed: exited with {rc} (its log {log} ends as above); fix it and "
+                                    "re-run this command, finished stages are skipped")
+                say(name, f"done in {time.perf_counter() - start:.0f} s")
+            time.sleep(0.5)
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+
+
+def stage_train(plan: Plan) -> None:
+    todo = train_todo(plan)
+    if len(todo) > 1 and plan.parallel:
+        run_concurrently({f"train {m}": ("train.py", args, plan.run_dirs[m] / "train.log") for m, args in todo})
+        return
+    for mode, args in todo:
+        run_stage(f"train {mode}", "train.py", args)
+
+
+def eval_staleness(run_dir: Path, cfg: dict, split: str) -> str | None:
+    """None if eval_summary.json evaluated this training's weights on `split` with the eval settings asked for now,
+    else why not."""
+    summary, trained = run_dir / "eval_summary.json", run_dir / "train_summary.json"
     if not summary.is_file():
         return "not evaluated yet"
-    if not ckpt.is_file() or summary.stat().st_mtime <= ckpt.stat().st_mtime:
-        return "the checkpoint is newer than eval_summary.json"
     try:
-        eval_config = json.loads(summary.read_text()).get("eval_config", {})
-    except json.JSONDecodeError:
-        return "eval_summary.json is unreadable"
-    changed = [f"{k} {v} -> {cfg.get(k)}" for k, v in eval_config.items() if cfg.get(k) != v]
+        ev = json.loads(summary.read_text())
+        weights = (json.loads(trained.read_text()).get("weights_sha256_per_rank") or [None])[0]
+    except (json.JSONDecodeError, OSError):
+        return "eval_summary.json or train_summary.json is unreadable"
+    if ev.get("weights_sha256") != weights:
+        return "eval_summary.json is of other weights than this training's"
+    changed = [f"{k} {v} -> {cfg.get(k)}" for k, v in ev.get("eval_config", {}).items() if cfg.get(k) != v]
+    if ev.get("split") != split:
+        changed.insert(0, f"split {ev.get('split')} -> {split}")
     return f"eval settings changed ({', '.join(changed)})" if changed else None
 
 
 def stage_evaluate(plan: Plan) -> None:
     for mode, cfg in plan.cfgs.items():
         stage, run_dir = f"evaluate {mode}", plan.run_dirs[mode]
-        why = eval_staleness(run_dir, cfg)
+        why = eval_staleness(run_dir, cfg, plan.split)
         if why is None:
-            say(stage, f"skip: {run_dir / 'eval_summary.json'} is newer than the checkpoint")
+            say(stage, f"skip: {run_dir / 'eval_summary.json'} is an evaluation of this training with these settings")
             continue
         # evaluate.py rebuilds the model from the checkpoint's config: pass the eval settings asked for now (from the
         # config files and overrides) where they differ from those the run was trained with; any other changed key
@@ -235,8 +277,9 @@ def stage_evaluate(plan: Plan) -> None:
         given = {item.split("=", 1)[0].strip(): item for item in plan.overrides[mode]}  # the last one of a key wins
         args = [item for k, item in given.items() if k not in EVAL_KEYS and trained.get(k, cfg[k]) != cfg[k]]
         args += [f"{k}={json.dumps(cfg[k])}" for k in EVAL_KEYS if trained.get(k) != cfg[k]]
-        say(stage, f"{why}: evaluating {run_dir} in context on the held-out goals ({cfg['eval_episodes']} episodes)")
-        run_stage(stage, "evaluate.py", ["--run-dir", str(run_dir), *args])
+        force = ["--force"] if why.startswith("eval settings changed") else []  # said here: the old one is replaced
+        say(stage, f"{why}: evaluating {run_dir} in context on the {plan.split} goals ({cfg['eval_episodes']} episodes)")
+        run_stage(stage, "evaluate.py", ["--run-dir", str(run_dir), "--split", plan.split, *force, *args])
 
 
 def stage_compare(plan: Plan) -> None:
@@ -265,6 +308,11 @@ def main():
         default=None,
         help="comma-separated goals to collect (default: all); the history counts as complete when it holds these",
     )
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="goals to evaluate on: test (default: the held-out goals results are reported on) or val")
+    parser.add_argument("--sequential", action="store_true",
+                        help="train the two modes one after the other (default: concurrently, one thread each, "
+                        "when the machine has >= 2 cores)")
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -273,6 +321,8 @@ def main():
     )
     args = parser.parse_intermixed_args()  # options may come after the key=value overrides
     plan = Plan(args.overrides, args.goals, Path(args.runs_root), models=args.mode != "collect")
+    plan.split = args.split
+    plan.parallel = not args.sequential and (os.cpu_count() or 1) >= 2
     stages = {"collect": stage_collect, "train": stage_train, "evaluate": stage_evaluate, "compare": stage_compare}
     start = time.perf_counter()
     try:

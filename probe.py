@@ -4,11 +4,12 @@
     python probe.py --run-dir runs/AD-darkroom-compressed-seed0 --episodes 100    # + a short in-context rollout
 
 1. Teacher-forced action accuracy on the LAST PPO region of every held-out goal's history (all streams), with
-   the context the model sees in training: the previous region (compressed mode, `C r_{K-2} E C r_{K-1}`) or the
-   last `n_transit` steps (standard mode). By then PPO has found the goal, so a model that reads the goal from
-   the rewards in its context scores high on every goal; one that memorised the training goals does not.
+   the context the model sees in training: the regions kept before it (compressed mode, `C r_{K-2} E C r_{K-1}` for
+   max_regions=2) or the last `n_transit` steps (standard mode). By then PPO has found the goal, so a model that reads
+   the goal from the rewards in its context scores high on every goal; one that memorised the training goals does not.
    Seconds, no rollout: the cheap signal to check early in a tuning run (docs/experiments.md).
 2. With `--episodes N`: `evaluate.run_in_context` on the held-out goals for N episodes (nothing is written).
+Held-out goals are the validation goals unless `--split test` (tuning decisions are made on validation goals).
 """
 
 from __future__ import annotations
@@ -20,39 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import history_path, run_main
+from common import EVAL_KEYS, history_path, run_main
 from dataset import HistoryDataset
-from env import split_goals
+from env import task_split
 from evaluate import load_run, run_in_context, summarize
-from model.ad import COMPRESS_START, IGNORE
 
 
 @torch.no_grad()
-def last_region_accuracy(model, cfg: dict, device="cpu") -> dict[int, float]:
+def last_region_accuracy(model, cfg: dict, split: str = "val", device="cpu") -> dict[int, float]:
     """Held-out goal -> teacher-forced action accuracy on the last region of its streams."""
-    ds = HistoryDataset(history_path(cfg), cfg, "test", batch_size=1, seed=0)
-    n, acc = cfg["n_steps"], {}
+    ds = HistoryDataset(history_path(cfg), cfg, split, batch_size=1, seed=0)
+    acc = {}
     for g in ds.goals:
-        d = ds.data[g]
-        T, S = d["actions"].shape
-        b = ds._empty(S)
-        for s in range(S):
-            if ds.compressed:
-                ds._compressed_sample(b, s, d, s, len(d["regions"]) - 1)
-            else:
-                ds._put_steps(b, s, 0, d, s, max(T - ds.n_transit, 0), T)
-        b = {k: torch.from_numpy(v).to(device) for k, v in b.items()}
+        b = {k: v.to(device) for k, v in ds.final_contexts(g).items()}
         pred = model(b)["logits_action"].argmax(-1)
-        tgt = b["target_action"]
-        if ds.compressed:  # steps after the last <compress>: the current region
-            last_c = torch.where(b["type_ids"] == COMPRESS_START, torch.arange(tgt.shape[1], device=device), -1).amax(1)
-            in_last = torch.arange(tgt.shape[1], device=device)[None] > last_c[:, None]
-        else:  # the last n_steps steps of the window
-            n_valid = (tgt != IGNORE).sum(1, keepdim=True)
-            pos = torch.arange(tgt.shape[1], device=device)[None]
-            in_last = (pos >= n_valid - n) & (pos < n_valid)
-        m = in_last & (tgt != IGNORE)
-        acc[g] = float((pred == tgt)[m].float().mean())
+        acc[g] = float((pred == b["target_action"])[b["in_last"]].float().mean())
     return acc
 
 
@@ -60,29 +43,29 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="a trained run (holds ckpt.pt and config.yaml)")
     parser.add_argument("--episodes", type=int, default=0, help="also roll out N in-context episodes (default 0: no)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="eval keys (eval_streams, eval_temperature, seed, traj_dir, ...)")
+    parser.add_argument("--split", choices=("val", "test"), default="val", help="held-out goals (default: val)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"{', '.join(EVAL_KEYS)}, traj_dir")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_run(Path(args.run_dir), args.overrides, device)
-    acc = last_region_accuracy(model, cfg, device)
-    print(f"teacher-forced acc, last region of held-out histories: {np.mean(list(acc.values())):.3f}  per goal "
+    model, cfg = load_run(Path(args.run_dir), args.overrides, device, allowed=(*EVAL_KEYS, "traj_dir"))
+    acc = last_region_accuracy(model, cfg, args.split, device)
+    print(f"teacher-forced acc, last region of the {args.split} goals' histories: {np.mean(list(acc.values())):.3f}  per goal "
           + " ".join(f"{g}:{a:.2f}" for g, a in acc.items()))
     if args.episodes:
-        _, test_goals = split_goals(cfg["grid_size"], cfg["env_split_seed"], cfg["train_env_ratio"])
+        goals = task_split(cfg, args.split)
         start = time.perf_counter()
-        res = run_in_context(model, cfg, test_goals, n_streams=cfg["eval_streams"], n_episodes=args.episodes,
-                             seed=cfg["seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"],
+        res = run_in_context(model, cfg, goals, n_streams=cfg["eval_streams"], n_episodes=args.episodes,
+                             seed=cfg["eval_seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"],
                              device=device)
-        s = summarize(res, test_goals, cfg)
+        s = summarize(res, goals, cfg)
         R = res["returns"]  # [goal, stream, episode]
         k = min(100, args.episodes)
         norm = R[..., -k:].mean((1, 2)) / np.array([g["optimum"] for g in s["per_goal"]])
         hit = R > 0  # the episode of each stream's first reward (n_episodes if never)
         first = np.where(hit.any(-1), hit.argmax(-1), args.episodes).flatten()
-        print(f"in-context, {args.episodes} episodes at T={cfg['eval_temperature']}, seed {cfg['seed']}: mean "
+        print(f"in-context, {args.episodes} episodes at T={cfg['eval_temperature']}, eval_seed {cfg['eval_seed']}: mean "
               f"{s['mean_return']:.2f}, last {k} {R[..., -k:].mean():.2f} (optimum {s['optimum_mean']:.2f}); "
-              f"worst goal last {k} / optimum {norm.min():.2f} (goal {test_goals[norm.argmin()]}); first reward at "
+              f"worst goal last {k} / optimum {norm.min():.2f} (goal {goals[norm.argmin()]}); first reward at "
               f"episode median {np.median(first):.0f}, p90 {np.percentile(first, 90):.0f}, max {first.max()} "
               f"({time.perf_counter() - start:.0f} s)")
         if "compression" in s:

@@ -3,14 +3,17 @@
     python train.py [--config config/model/ad_dr.yaml] [--run-dir DIR] [--force] [key=value ...]
     accelerate launch --num_processes N train.py ...   # DDP; effective batch = N x train_batch_size
 
-Resumes automatically from DIR/ckpt.pt; refuses to touch a finished run unless --force.
+Resumes automatically from DIR/ckpt.pt; refuses to touch a finished run unless --force. Raising `train_timesteps`
+continues a run: the LR schedule keeps the horizon it started with (its cosine ends at 0.1 x lr, and steps past it
+run at 0.1 x lr), so a continued run is well defined but is not the same as a fresh longer run.
+Every `test_interval` steps: teacher-forced metrics on the validation goals' histories (val/loss_action, ...) and an
+in-context rollout on the validation goals (val/return, val/return_last), in TensorBoard and DIR/metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
@@ -29,21 +32,23 @@ from tqdm import tqdm
 
 from common import DEFAULT_MODEL_CONFIG, UserError, add_config_args, default_run_dir, history_path, load_config, run_main
 from dataset import HistoryDataset
-from model import MODEL, ADConfig
+from env import optimal_return, task_split
+from model import MODEL, ADConfig, weights_digest
 
 CKPT = "ckpt.pt"
 # keys that may differ between a checkpoint and the config that resumes it
 RESUMABLE_KEYS = {
     "train_timesteps", "log_interval", "test_interval", "test_batches", "ckpt_interval", "n_process", "traj_dir",
-    "eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache",
+    "eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "eval_seed", "eval_prune",
+    "num_threads", "val_episodes", "val_streams",
 }
 METRICS = ("loss_action", "acc_action", "loss_token_type", "acc_token_type")
 COUNTS = ("n_true_positive", "n_pred_end", "n_true_end")  # </compress> counts (compressed mode)
 
 
-def lr_lambda(cfg: dict):
-    """Linear warmup to `lr`, then cosine decay to 10 % of it at `train_timesteps`."""
-    warm, total = cfg["warmup_steps"], cfg["train_timesteps"]
+def lr_lambda(cfg: dict, horizon: int | None = None):
+    """Linear warmup to `lr`, then cosine decay to 10 % of it at `horizon` (default `train_timesteps`); flat after."""
+    warm, total = cfg["warmup_steps"], horizon or cfg["train_timesteps"]
 
     def f(step: int) -> float:
         if step < warm:
@@ -86,13 +91,14 @@ class MetricSum:
         return res
 
 
-def build(cfg: dict):
-    """Model, optimiser and LR schedule. The initial weights depend on `seed` only, so every rank builds the
-    same model (DDP would broadcast rank 0's anyway) and tests can rebuild it."""
+def build(cfg: dict, horizon: int | None = None):
+    """Model, optimiser and LR schedule (cosine over `horizon` steps, default `train_timesteps`). The initial weights
+    depend on `seed` only, so every rank builds the same model (DDP would broadcast rank 0's anyway) and tests can
+    rebuild it."""
     torch.manual_seed(cfg["seed"])
     model = MODEL[cfg["model"]](ADConfig.from_dict(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, horizon))
     return model, opt, sched
 
 
@@ -110,15 +116,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def weights_digest(state_dict: dict) -> str:
-    """SHA-256 of a state dict's names and exact bytes: equal on all ranks iff DDP kept the replicas in sync."""
-    h = hashlib.sha256()
-    for k, v in state_dict.items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -171,7 +168,7 @@ def check_fresh_run_dir(run_dir: Path, cfg: dict) -> bool:
 
 @torch.no_grad()
 def test_metrics(model, test_data: HistoryDataset, cfg: dict, accelerator: Accelerator) -> dict:
-    """Teacher-forced metrics on the held-out goals' histories (same batches every time, split over ranks).
+    """Teacher-forced metrics on held-out (validation) goals' histories (same batches every time, split over ranks).
     `model` is the unwrapped module: ranks see different numbers of batches, so no DDP forward here."""
     model.eval()
     m = MetricSum(cfg["use_compressed_context"])
@@ -181,6 +178,85 @@ def test_metrics(model, test_data: HistoryDataset, cfg: dict, accelerator: Accel
             m.add(model(batch))
     model.train()
     return m.result(accelerator)
+
+
+@torch.no_grad()
+def val_return(model, cfg: dict) -> dict:
+    """A short in-context rollout on the validation goals (KV cache, no weight updates): what the model is for."""
+    from evaluate import run_in_context  # imported here: evaluate imports the env, which imports SB3
+
+    goals = task_split(cfg, "val")
+    model.eval()
+    res = run_in_context(model, cfg, goals, n_streams=cfg["val_streams"], n_episodes=cfg["val_episodes"],
+                         seed=cfg["eval_seed"], temperature=cfg["eval_temperature"], progress=False,
+                         device=next(model.parameters()).device)
+    model.train()
+    R = res["returns"]  # [goal, stream, episode]
+    opt = np.array([optimal_return(g, cfg["grid_size"], cfg["horizon"]) for g in goals], dtype=np.float64)
+    last = max(1, cfg["val_episodes"] // 5)
+    return {"return": float(R.mean()), "return_last": float(R[..., -last:].mean()),
+            "return_normalized": float((R.mean((1, 2)) / opt).mean())}
+
+
+def start_or_resume(args, cfg: dict, run_dir: Path) -> tuple[dict | None, bool]:
+    """(checkpoint to resume from or None, whether a run stopped before its first checkpoint restarts). Every rank
+    reads the run dir and reaches the same decision; nothing is written here."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file, not a directory; pass a directory")
+    ckpt_path = run_dir / CKPT
+    ckpt = load_checkpoint(ckpt_path, cfg, run_dir) if ckpt_path.exists() and not args.force else None
+    restart = not ckpt and not args.force and check_fresh_run_dir(run_dir, cfg)
+    return ckpt, restart
+
+
+def restore(ckpt: dict, model, opt, sched, accelerator: Accelerator, ckpt_path: Path) -> None:
+    """Model, optimiser, scheduler, grad scaler (fp16) and every rank's random generators from a checkpoint."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"checkpoint {ckpt_path} does not fit the model of its config ({e.__class__.__name__}); "
+                        "move it away or pass --force to start over") from None
+    rngs = ckpt.get("rng") or []
+    rngs = [rngs] if isinstance(rngs, dict) else rngs  # older checkpoints hold rank 0's generators only
+    if len(rngs) == accelerator.num_processes:
+        set_rng_state(rngs[accelerator.process_index])
+    elif accelerator.is_main_process:
+        print(f"note: checkpoint written by {len(rngs)} process(es), resuming with {accelerator.num_processes}: "
+              "random generators re-seeded and each rank draws a new data stream")
+
+
+class Logger:
+    """TensorBoard + DIR/metrics.jsonl on the main process (no-ops elsewhere); a resumed run drops the records past
+    its checkpoint that a killed session left, so both continue from the checkpoint without duplicate steps."""
+
+    def __init__(self, run_dir: Path, start_step: int, resumed: bool, enabled: bool):
+        self.enabled, self.path = enabled, run_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        # purge_step: TensorBoard drops events past the checkpoint (and a fresh start hides an old run's curve)
+        self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if resumed else 0)
+        kept = []
+        if resumed and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, prefix: str, values: dict) -> None:
+        if not self.enabled or not values:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **{f"{prefix}/{k}": v for k, v in values.items()}}) + "\n")
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
 
 
 def main():
@@ -194,62 +270,54 @@ def main():
     if cfg["deterministic"]:  # before CUDA starts: cuBLAS reads its workspace setting once
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=not torch.cuda.is_available())
+    if cfg["num_threads"]:
+        torch.set_num_threads(cfg["num_threads"])
+    on_gpu = torch.cuda.is_available()
+    if cfg["mixed_precision"] == "fp16" and not on_gpu:
+        raise UserError("mixed_precision=fp16 needs a GPU (on CPU accelerate would silently train in fp32); "
+                        "use mixed_precision=bf16 or no")
+    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=not on_gpu)
     main_proc = accelerator.is_main_process
 
-    # ---- resume or start ---------------------------------------------------------------------------------
-    # Every rank reads the run dir and reaches the same decision; nothing is written before the barrier below.
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run-dir {run_dir} is a file, not a directory; pass a directory")
+    # ---- build: resume decision, data, model, optimiser -------------------------------------------------------
+    ckpt, restart = start_or_resume(args, cfg, run_dir)
     ckpt_path = run_dir / CKPT
-    ckpt = load_checkpoint(ckpt_path, cfg, run_dir) if ckpt_path.exists() and not args.force else None
-    restart = not ckpt and not args.force and check_fresh_run_dir(run_dir, cfg)
     start_step = ckpt["step"] if ckpt else 0
-
-    seed = cfg["seed"]
-    hist = history_path(cfg)
+    # the schedule's horizon is fixed when a run starts: continuing with a larger train_timesteps runs on at 0.1 x lr
+    horizon = int(ckpt.get("schedule_steps", ckpt["config"]["train_timesteps"])) if ckpt else cfg["train_timesteps"]
+    seed, hist = cfg["seed"], history_path(cfg)
     train_data = HistoryDataset(hist, cfg, "train", cfg["train_batch_size"], seed, accelerator.process_index, start_step)
-    test_data = HistoryDataset(hist, cfg, "test", cfg["train_batch_size"], seed + 10_000)
-
-    model, opt, sched = build(cfg)
+    val_data = HistoryDataset(hist, cfg, "val", cfg["train_batch_size"], seed + 10_000)
+    model, opt, sched = build(cfg, horizon)
     torch.manual_seed(seed + accelerator.process_index)  # dropout differs per rank
     random.seed(seed)
     np.random.seed(seed)
     if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"checkpoint {ckpt_path} does not fit the model of its config ({e.__class__.__name__}); "
-                            "move it away or pass --force to start over") from None
-        rngs = ckpt.get("rng") or []
-        rngs = [rngs] if isinstance(rngs, dict) else rngs  # older checkpoints hold rank 0's generators only
-        if len(rngs) == accelerator.num_processes:
-            set_rng_state(rngs[accelerator.process_index])
-        elif main_proc:
-            print(f"note: checkpoint written by {len(rngs)} process(es), resuming with {accelerator.num_processes}: "
-                  "random generators re-seeded and each rank draws a new data stream")
+        restore(ckpt, model, opt, sched, accelerator, ckpt_path)
     # the scheduler is stepped by hand once per optimiser step (accelerate would step it N times under DDP)
     model, opt = accelerator.prepare(model, opt)
+    if ckpt and ckpt.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale continues where it was
     raw_model = accelerator.unwrap_model(model)  # what is saved and tested: no DDP wrapper, no "module." prefix
+    step_fn = torch.compile(model) if cfg["compile"] else model
     # its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, which would
     # shift the dropout stream of a resumed run away from the uninterrupted one
     loader = torch.utils.data.DataLoader(train_data, batch_size=None, generator=torch.Generator().manual_seed(seed))
     accelerator.wait_for_everyone()
 
-    writer = None
     if main_proc:
         if restart:
             print(f"no checkpoint in {run_dir} yet (stopped before the first one): starting again from step 0")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
-        # purge_step: TensorBoard drops the events past the checkpoint that a killed session left, so the curve
-        # continues from the checkpoint without duplicate steps (and a fresh start hides an old run's curve)
-        writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if ckpt else 0)
+    log = Logger(run_dir, start_step, bool(ckpt), main_proc)
+    if main_proc:
         if not ckpt:
             table = "\n".join(f"| {k} | {v} |" for k, v in cfg.items())
-            writer.add_text("hparams", "| key | value |\n|---|---|\n" + table, 0)
+            log.writer.add_text("hparams", "| key | value |\n|---|---|\n" + table, 0)
+        if horizon != cfg["train_timesteps"]:
+            print(f"note: the LR schedule keeps the horizon of {horizon} steps this run started with; "
+                  f"steps past it run at 0.1 x lr")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{'resuming' if ckpt else 'training'} {cfg['model']} "
               f"({'compressed' if cfg['use_compressed_context'] else 'standard'}, {n_params / 1e3:.0f}k params) "
@@ -259,58 +327,64 @@ def main():
     def save(step: int):
         rngs = gather_object([rng_state()])  # every rank's generators, so that each continues where it was
         if main_proc:
-            writer.flush()  # the logged curve up to `step` reaches the disk before the checkpoint that resumes it
+            log.flush()  # the logged curve up to `step` reaches the disk before the checkpoint that resumes it
             atomic_save({
                 "model": raw_model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "schedule_steps": horizon,
                 "step": step,
                 "config": cfg,
                 "rng": rngs,
             }, ckpt_path)
         accelerator.wait_for_everyone()
 
-    running, last_test = MetricSum(cfg["use_compressed_context"]), {}
+    # ---- the loop: step, then log / validate / checkpoint on their intervals ----------------------------------
+    running, last_val = MetricSum(cfg["use_compressed_context"]), {}
     bar = tqdm(total=cfg["train_timesteps"], initial=start_step, desc="train", disable=not main_proc, unit="step")
-    t_start, n_targets, step = time.perf_counter(), 0, start_step
+    t_start, n_targets = time.perf_counter(), 0
     t_log, targets_log = t_start, 0
     model.train()
     for step, batch in zip(range(start_step, cfg["train_timesteps"]), loader, strict=False):  # the loader never ends
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         with accelerator.autocast():
-            out = model(batch)
+            out = step_fn(batch)
         accelerator.backward(out["loss"])
         if cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sched.step()
+        if not opt.step_was_skipped:  # fp16: a step the grad scaler skipped (inf/nan) does not advance the schedule
+            sched.step()
         running.add({k: v.detach() for k, v in out.items() if not k.startswith("logits")})
         n_targets += int(out["n_targets"])
         targets_log += int(out["n_targets"])
         done = step + 1
+        last = done == cfg["train_timesteps"]
 
-        if done % cfg["log_interval"] == 0 or done == cfg["train_timesteps"]:
-            res = running.result(accelerator)
-            now = time.perf_counter()
-            if main_proc:
-                for k, v in res.items():
-                    writer.add_scalar(f"train/{k}", v, done)
-                writer.add_scalar("train/lr", sched.get_last_lr()[0], done)
-                writer.add_scalar("perf/targets_per_s", targets_log * accelerator.num_processes / (now - t_log), done)
+        if done % cfg["log_interval"] == 0 or last:
+            res, now = running.result(accelerator), time.perf_counter()
+            log.log(done, "train", {**res, "lr": sched.get_last_lr()[0]})
+            log.log(done, "perf", {"targets_per_s": targets_log * accelerator.num_processes / (now - t_log)})
+            if main_proc and res:
                 bar.set_postfix(loss=f"{res['loss_action']:.3f}", acc=f"{res['acc_action']:.3f}")
             t_log, targets_log = now, 0
-        if done % cfg["test_interval"] == 0 or done == cfg["train_timesteps"]:
-            res = last_test = test_metrics(raw_model, test_data, cfg, accelerator)
+        if done % cfg["test_interval"] == 0 or last:
+            res = test_metrics(raw_model, val_data, cfg, accelerator)
+            if main_proc and cfg["val_episodes"] and cfg["val_streams"]:
+                res |= val_return(raw_model, cfg)
+            accelerator.wait_for_everyone()
+            last_val = res
+            log.log(done, "val", res)
             if main_proc:
-                for k, v in res.items():
-                    writer.add_scalar(f"test/{k}", v, done)
-                tqdm.write(f"step {done}: " + ", ".join(f"test/{k} {v:.4f}" for k, v in res.items()))
-        if done % cfg["ckpt_interval"] == 0 or done == cfg["train_timesteps"]:
+                tqdm.write(f"step {done}: " + ", ".join(f"val/{k} {v:.4f}" for k, v in res.items()))
+        if done % cfg["ckpt_interval"] == 0 or last:
             save(done)
         bar.update()
     bar.close()
 
+    # ---- finish: summary, and every rank checks it holds the same weights -------------------------------------
     elapsed = time.perf_counter() - t_start
     steps_done = cfg["train_timesteps"] - start_step
     digests = gather_object([weights_digest(raw_model.state_dict())])  # one per rank; DDP keeps them equal
@@ -324,16 +398,16 @@ def main():
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "num_processes": accelerator.num_processes,
             "weights_sha256_per_rank": digests,
-            **{f"test/{k}": v for k, v in last_test.items()},
+            **{f"val/{k}": v for k, v in last_val.items()},
         }
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        writer.close()
+        log.close()
         print(f"done: {steps_done} steps in {elapsed:.0f} s ({summary['steps_per_s']:.2f} steps/s, "
               f"{summary['targets_per_s']:.0f} targets/s); checkpoint {ckpt_path}")
     # Free the DDP wrapper (it holds the process group) on every rank before the group is destroyed together;
     # left to interpreter exit, gloo's threads die with `terminate called without an active exception`.
     accelerator.wait_for_everyone()
-    model, opt = accelerator.free_memory(model, opt)
+    model, opt, step_fn = accelerator.free_memory(model, opt, step_fn)
     gc.collect()  # the wrapper sits in reference cycles
     accelerator.end_training()
     if len(set(digests)) > 1:

@@ -39,12 +39,19 @@ def optimal_return(goal_idx: int, grid_size: int = 9, horizon: int = 20) -> int:
     return min(horizon, horizon + 1 - dist)
 
 
-def split_goals(grid_size: int = 9, env_split_seed: int = 0, train_env_ratio: float = 0.9) -> tuple[list, list]:
-    """The one train/test split: row-major goals shuffled by `random.Random(seed)`, first part is train."""
+def split_goals(grid_size: int = 9, env_split_seed: int = 0, train_env_ratio: float = 0.9,
+                n_val: int = 8) -> tuple[list, list, list]:
+    """The one train / validation / test split (docs/design.md §1).
+
+    Row-major goals are shuffled by `random.Random(env_split_seed)`; the last `1 - train_env_ratio` of them are the
+    test goals (the 8 held-out goals other Darkroom AD repos report on), and the last `n_val` of the rest are the
+    validation goals, which choose every default and are never trained on. Returns (train, val, test)."""
     goals = list(range(grid_size * grid_size))
     random.Random(env_split_seed).shuffle(goals)
     n_train = round(len(goals) * train_env_ratio)
-    return goals[:n_train], goals[n_train:]
+    if not 0 <= n_val < n_train:
+        raise ValueError(f"n_val_tasks={n_val} must be in 0..{n_train - 1} (there are {n_train} non-test goals)")
+    return goals[: n_train - n_val], goals[n_train - n_val : n_train], goals[n_train:]
 
 
 def step_positions(pos: np.ndarray, actions: np.ndarray, grid_size: int) -> np.ndarray:

@@ -1,3 +1,3 @@
-from model.ad import AD, MODEL, ADConfig
+from model.ad import AD, MODEL, ADConfig, weights_digest
 
-__all__ = ["AD", "MODEL", "ADConfig"]
+__all__ = ["AD", "MODEL", "ADConfig", "weights_digest"]

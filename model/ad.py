@@ -1,13 +1,14 @@
 """Algorithm Distillation transformer (pure nn.Module: no I/O, no environment).
 
 One token per decision step t: `embed(s_t) + embed(a_{t-1}, r_{t-1}, episode-start flag)` plus a learned
-position (DESIGN §3). In compressed mode `<compress>` (type 1) and `</compress>` (type 2) are their own
+position (docs/design.md §3). In compressed mode `<compress>` (type 1) and `</compress>` (type 2) are their own
 tokens. The action head at a step token predicts a_t; the token-type head predicts whether the step closes
 its region (2) or not (0).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -227,3 +228,13 @@ class AD(nn.Module):
 
 
 MODEL = {"AD": AD}
+
+
+def weights_digest(state_dict: dict) -> str:
+    """SHA-256 of a state dict's names and exact bytes: names one set of weights (equal on all DDP ranks, and between a
+    run's train_summary.json and every evaluation of its checkpoint)."""
+    h = hashlib.sha256()
+    for k, v in state_dict.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

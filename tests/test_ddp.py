@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train
 from common import DEFAULT_MODEL_CONFIG, history_path, load_config
 from dataset import HistoryDataset
+from model import weights_digest
 
 COMPRESSED_CONFIG = ROOT / "config" / "model" / "ad_dr_compressed.yaml"
 STEPS = ["train_timesteps=6", "log_interval=2", "test_interval=3", "ckpt_interval=3"]
@@ -59,7 +60,7 @@ def assert_one_set_of_outputs(proc: subprocess.CompletedProcess, run_dir: Path) 
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # one per rank
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["num_processes"] == 2
-    assert summary["weights_sha256_per_rank"] == [train.weights_digest(ckpt["model"])] * 2  # both ranks, same bytes
+    assert summary["weights_sha256_per_rank"] == [weights_digest(ckpt["model"])] * 2  # both ranks, same bytes
     return ckpt
 
 

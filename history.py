@@ -1,0 +1,64 @@
+"""The PPO history file (docs/design.md §2): its fields, the keys that define it, and the one check that a file
+fits a config. collect.py writes it; dataset.py, the workflow, probe.py and visualize_compression.py read it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import yaml
+
+from common import UserError
+
+FORMAT_VERSION = 1
+FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_start", "compress_end")
+# every collection key that changes what is in the file; the file stores them (attrs["collect_keys"]) and a config
+# that differs on any of them is refused: a smoke collection at the default path is not the real dataset
+COLLECT_KEYS = (
+    "env", "grid_size", "horizon", "alg", "alg_seed", "n_steps", "n_stream", "total_source_timesteps",
+    "ppo_batch_size", "ppo_n_epochs", "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda",
+    "ppo_clip_range", "ppo_net_arch",
+)
+
+
+def collect_keys(cfg: dict) -> dict:
+    return {k: cfg[k] for k in COLLECT_KEYS}
+
+
+def open_history(path: str | Path) -> h5py.File:
+    """Open a history file for reading; a missing, corrupt or old-format file is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"history file not found: {path}; run `python collect.py` first (or set traj_dir=)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise UserError(f"history file {path} is truncated or corrupt; delete it and re-run collect.py") from None
+    if f.attrs.get("format_version") != FORMAT_VERSION:
+        version = f.attrs.get("format_version")
+        f.close()
+        raise UserError(f"history file {path} has format {version}, expected {FORMAT_VERSION}; re-run collect.py")
+    return f
+
+
+def history_mismatch(f: h5py.File, cfg: dict) -> dict:
+    """{key: (value in the file, value in cfg)} for every collection key on which they differ."""
+    try:
+        stored = yaml.safe_load(f.attrs.get("collect_keys", "")) or {}
+    except yaml.YAMLError:
+        stored = {}
+    return {k: (stored.get(k), cfg[k]) for k in COLLECT_KEYS if stored.get(k) != cfg[k]}
+
+
+def check_history(f: h5py.File, path: str | Path, cfg: dict) -> None:
+    """Refuse a history file collected with other collection keys than `cfg`, naming every difference."""
+    diff = history_mismatch(f, cfg)
+    if diff:
+        said = ", ".join(f"{k}={old!r} (config: {new!r})" for k, (old, new) in diff.items())
+        raise UserError(f"history file {path} was collected with {said}; collect this config's history "
+                        f"(`python collect.py --force` with the same keys, or traj_dir= for another file) or set those keys")
+
+
+def complete_goals(f: h5py.File) -> set[int]:
+    """Goals whose group was written to the end (collect.py sets `complete` last)."""
+    return {int(k) for k in f if k.isdigit() and f[k].attrs.get("complete", False)}
