@@ -80,7 +80,13 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
         drop = self.dropout if self.training else 0.0
         if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+            if x.device.type == "cpu" and q.dtype != torch.float32:
+                # bf16 autocast on CPU: the linear layers gain ~5x from bf16 matmuls, but the CPU flash-attention kernel
+                # at head dim 16 is ~1.5x slower in bf16 than in fp32 (docs/experiments.md E7), so attention runs in fp32
+                with torch.autocast("cpu", enabled=False):
+                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=drop)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
             new_kv = (k, v)
         else:
             # Decoding a few tokens per stream: explicit bmm attention over the whole (contiguous) cache is faster on

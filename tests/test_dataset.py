@@ -66,10 +66,20 @@ def test_batches_are_a_function_of_seed_rank_step(tiny_history):
     assert (next(it)["state_ids"] == a.batch(5)["state_ids"]).all()  # resuming at step 5 draws batch 5
 
 
-def test_test_split_uses_held_out_goals_only(tiny_history):
+def test_each_split_reads_its_own_goals_only(tiny_history):
     cfg = _cfg(tiny_history, "standard")
     assert HistoryDataset(tiny_history["path"], cfg, "test", 2, seed=0).goals == [38, 51]
-    assert HistoryDataset(tiny_history["path"], cfg, "train", 2, seed=0).goals == [0, 1]
+    assert HistoryDataset(tiny_history["path"], cfg, "val", 2, seed=0).goals == [12]
+    train = HistoryDataset(tiny_history["path"], cfg, "train", 2, seed=0)
+    assert train.goals == [0, 1] and set(train.data) == {0, 1}  # the validation goal's history is never loaded
+
+
+def test_history_of_another_collection_config_is_refused(tiny_history):
+    from common import UserError
+
+    cfg = load_config("config/model/ad_dr.yaml", tiny_history["standard"] + ["n_stream=100", "ppo_lr=0.01"])
+    with pytest.raises(UserError, match=r"collected with n_stream=4 \(config: 100\), ppo_lr=0.003 \(config: 0.01\)"):
+        HistoryDataset(tiny_history["path"], cfg, "train", 2, seed=0)
 
 
 def test_first_step_of_a_stream_has_no_previous_step(tiny_history):
@@ -81,44 +91,47 @@ def test_first_step_of_a_stream_has_no_previous_step(tiny_history):
     assert (prev[20] >= NO_PREV + 1).all() and (prev[1] < NO_PREV).all()  # episode start flag at t=20 only
 
 
-@pytest.mark.parametrize("k_expected", ["pair", "single"])
-def test_compressed_samples_are_consecutive_regions(tiny_history, k_expected):
-    cfg = _cfg(tiny_history, "compressed")
-    ds = HistoryDataset(tiny_history["path"], cfg, "train", batch_size=32, seed=1)
+@pytest.mark.parametrize("max_regions", [1, 2, 3])
+def test_compressed_samples_are_the_last_max_regions_regions_of_one_stream(tiny_history, max_regions):
+    """`C r_{k-m+1} E ... E C r_k`: consecutive regions of one stream, as many as evaluation keeps; the prev ids chain
+    across region and episode starts exactly as in the stream (the first kept region's first token holds the last step
+    of the region that was dropped, as at evaluation after a prune)."""
+    from dataset import stream_tokens
+
+    cfg = load_config("config/model/ad_dr_compressed.yaml", tiny_history["compressed"] + [f"max_regions={max_regions}",
+                                                                                          f"n_transit={max_regions * 22 + 2}"])
+    ds = HistoryDataset(tiny_history["path"], cfg, "train", batch_size=48, seed=1)
     b = {k: v.numpy() for k, v in ds.batch(0).items()}
-    want_pair = k_expected == "pair"
-    rows = np.flatnonzero((b["prev_region_len"] > 0) == want_pair)
-    assert len(rows) > 0
-    for i in rows:
-        types, n_prev, n_curr = b["type_ids"][i], b["prev_region_len"][i], b["curr_region_len"][i]
-        assert n_curr == 20 and n_prev == (20 if want_pair else 0)
-        if want_pair:
-            layout = [COMPRESS_START] + [STEP] * 20 + [COMPRESS_END, COMPRESS_START] + [STEP] * 20
-        else:
-            layout = [COMPRESS_START] + [STEP] * 20
-        assert types[: len(layout)].tolist() == layout
-        L = len(types)  # 43: the batch is trimmed to its longest sample, a pair (n_transit is 48)
-        assert L == 43
-        steps = np.flatnonzero((np.arange(L) < len(layout)) & (types == STEP))
-        assert (b["target_action"][i, steps] != IGNORE).all()
-        assert (b["target_action"][i][np.setdiff1d(np.arange(L), steps)] == IGNORE).all()
+    hist = {g: _history(tiny_history, g) for g in (0, 1)}
+    tokens = {g: stream_tokens(h["states"], h["actions"], h["rewards"], h["dones"], 9) for g, h in hist.items()}
+    seen = set()
+    for i in range(48):
+        types = b["type_ids"][i]
+        n = int(b["n_regions"][i])
+        layout = ([COMPRESS_START] + [STEP] * 20 + [COMPRESS_END]) * (n - 1) + [COMPRESS_START] + [STEP] * 20
+        assert types[: len(layout)].tolist() == layout and (types[len(layout) :] == STEP).all()
+        assert b["region_lens"][i].tolist() == [20] * n + [0] * (max_regions - n)
+        steps = np.flatnonzero(types == STEP)[: 20 * n]
+        assert (b["target_action"][i][np.setdiff1d(np.arange(len(types)), steps)] == IGNORE).all()
         tt = b["target_token_type"][i, steps]
-        closing = [19, 39] if want_pair else [19]
-        assert (np.flatnonzero(tt == COMPRESS_END) == closing).all() and (np.delete(tt, closing) == STEP).all()
-        if want_pair:  # the two regions are consecutive in one stream: prev tokens chain across the boundary
-            st = b["state_ids"][i]
-            acts = b["target_action"][i]
-            found = False
-            for goal in (0, 1):
-                h = _history(tiny_history, goal)
-                for s in range(4):
-                    for k in range(1, 4):
-                        t0 = (k - 1) * 20
-                        if (encode_state(h["states"][t0 : t0 + 40, s], 9) == st[steps]).all() and (
-                            h["actions"][t0 : t0 + 40, s] == acts[steps]
-                        ).all():
-                            found = True
-            assert found
+        assert np.flatnonzero(tt == COMPRESS_END).tolist() == [20 * j + 19 for j in range(n)]
+        st, pv, act = b["state_ids"][i, steps], b["prev_ids"][i, steps], b["target_action"][i, steps]
+        hits = [(g, s, t0) for g in (0, 1) for s in range(4) for t0 in range(0, 80 - 20 * n + 1, 20)
+                if (tokens[g][0][t0 : t0 + 20 * n, s] == st).all() and (hist[g]["actions"][t0 : t0 + 20 * n, s] == act).all()
+                and (tokens[g][1][t0 : t0 + 20 * n, s] == pv).all()]
+        assert hits, f"sample {i} is not {n} consecutive regions of one stream with the stream's prev ids"
+        g, s, t0 = hits[0]
+        k = t0 // 20 + n - 1  # index of the newest region
+        assert n == min(max_regions, k + 1)  # fewer regions only at the start of a history
+        # prev ids: episode start flag at every region start here (regions = episodes of 20 steps); the very first
+        # step of a stream has no previous step; later region starts hold the previous region's last (a, r)
+        for j in range(n):
+            t = t0 + 20 * j
+            want = encode_prev(np.int64(hist[g]["actions"][t - 1, s] if t else -1),
+                               np.int64(hist[g]["rewards"][t - 1, s] if t else 0), np.int64(1))
+            assert pv[20 * j] == want
+        seen.add(k)
+    assert seen == {0, 1, 2, 3}  # every region index is sampled, so the short-context samples occur too
 
 
 def test_batch_is_trimmed_to_its_longest_sample_without_changing_outputs(tiny_history):
@@ -132,7 +145,7 @@ def test_batch_is_trimmed_to_its_longest_sample_without_changing_outputs(tiny_hi
         b = ds.batch(step)
         used = (b["type_ids"] != STEP) | (b["target_action"] != IGNORE)
         L = b["type_ids"].shape[1]
-        assert L == int(used.nonzero()[:, 1].max()) + 1 == (43 if (b["prev_region_len"] > 0).any() else 21)
+        assert L == int(used.nonzero()[:, 1].max()) + 1 == (43 if (b["n_regions"] == 2).any() else 21)
         # pad back to n_transit as an untrimmed batch would be: same logits on the real positions, same losses
         pad = {"type_ids": STEP, "state_ids": ds.pad_state, "prev_ids": PAD_PREV, "target_action": IGNORE,
                "target_token_type": IGNORE}

@@ -19,7 +19,8 @@ def test_train_then_evaluate(tiny_history, tmp_path, mode):
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model's state dict
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["steps"] == 6 and summary["targets_per_s"] > 0
-    assert (mode == "compressed") == ("test/recall_compress_end" in summary)
+    assert (mode == "compressed") == ("val/recall_compress_end" in summary)
+    assert {"val/return", "val/return_last", "val/loss_action"} <= set(summary)
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert (run_dir / "config.yaml").exists()
 
@@ -31,8 +32,12 @@ def test_train_then_evaluate(tiny_history, tmp_path, mode):
     ev = run_script("evaluate.py", "--run-dir", str(run_dir))
     res = np.load(run_dir / "eval_result.npy")
     assert res.shape == (8, 3)  # 8 held-out goals x eval_episodes
-    assert ((res >= 0) & (res <= 20)).all()
     s = json.loads((run_dir / "eval_summary.json").read_text())
+    # no episode beats the oracle of its goal: a reward or episode-boundary bug would break this
+    optimum = np.array([g["optimum"] for g in s["per_goal"]])
+    assert (res >= 0).all() and (res <= optimum[:, None]).all()
+    assert s["split"] == "test" and s["goals"] == [38, 51, 62, 65, 33, 5, 53, 49] and s["checkpoint_step"] == 6
+    assert s["weights_sha256"] == summary["weights_sha256_per_rank"][0]
     assert len(s["per_goal"]) == 8 and s["n_streams"] == 2 and s["mode"] == mode
     assert s["optimum_mean"] == 17.25
     assert np.isclose(s["mean_return"], res.mean())
@@ -53,12 +58,17 @@ def test_tensorboard_has_the_metrics(tiny_history, tmp_path):
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for split in ("train", "test"):
+    for split in ("train", "val"):
         for m in ("loss_action", "acc_action", "loss_token_type", "acc_token_type", "precision_compress_end",
                   "recall_compress_end"):
             assert f"{split}/{m}" in tags
-    assert "train/lr" in tags
-    assert [e.step for e in acc.Scalars("test/acc_action")] == [3, 6]
+    assert {"train/lr", "val/return", "val/return_last", "val/return_normalized"} <= tags
+    assert [e.step for e in acc.Scalars("val/acc_action")] == [e.step for e in acc.Scalars("val/return")] == [3, 6]
+    # the same numbers in the run's metrics file
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val/return" in r]
+    assert [r["step"] for r in val] == [3, 6]
+    assert [r["val/return"] for r in val] == pytest.approx([e.value for e in acc.Scalars("val/return")])
 
 
 def test_help_for_every_script():
