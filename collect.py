@@ -29,6 +29,7 @@ from common import DEFAULT_COLLECT_CONFIG, UserError, add_config_args, history_p
 from env import DarkroomVecEnv, goal_to_pos, optimal_return
 from history import FIELDS, FORMAT_VERSION, collect_keys
 
+
 class HistoryCallback(BaseCallback):
     """Copies every transition of every stream into time-major arrays, with rollout-boundary markers."""
 

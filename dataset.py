@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset

@@ -17,10 +17,6 @@ All functions take numpy arrays and return JSON-serialisable dicts / floats / li
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
-import sys
-import types
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -29,23 +25,10 @@ CI_SIZE = 0.95
 _MAX_CHUNK_ELEMS = 4_000_000  # bootstrap weights held in memory at once (float64 elements)
 
 
-@functools.cache
 def _rliable():
-    """(rliable.library, rliable.metrics); works around arch<8 failing to import under pandas>=3."""
-    try:
-        from rliable import library, metrics
-    except TypeError:
-        # arch/__init__ imports arch.univariate, which calls pandas' deprecate_kwarg with the pre-3.0 signature.
-        # rliable only needs arch.bootstrap, which does not touch arch.univariate: load it from a bare package.
-        for name in [m for m in sys.modules if m == "arch" or m.startswith("arch.")]:
-            del sys.modules[name]
-        spec = importlib.util.find_spec("arch")
-        stub = types.ModuleType("arch")
-        stub.__path__ = list(spec.submodule_search_locations)
-        stub.__spec__ = spec
-        stub.__file__ = spec.origin
-        sys.modules["arch"] = stub
-        from rliable import library, metrics
+    """(rliable.library, rliable.metrics), imported on first use (rliable pulls in arch, pandas and seaborn)."""
+    from rliable import library, metrics
+
     return library, metrics
 
 

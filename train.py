@@ -36,6 +36,7 @@ from env import optimal_return, task_split
 from model import MODEL, ADConfig, weights_digest
 
 CKPT = "ckpt.pt"
+LAUNCHER_LOG = "train.log"  # the workflow / study write train.py's output here before it starts
 # keys that may differ between a checkpoint and the config that resumes it
 RESUMABLE_KEYS = {
     "train_timesteps", "log_interval", "test_interval", "test_batches", "ckpt_interval", "n_process", "traj_dir",
@@ -153,7 +154,7 @@ def load_checkpoint(ckpt_path: Path, cfg: dict, run_dir: Path) -> dict:
 def check_fresh_run_dir(run_dir: Path, cfg: dict) -> bool:
     """May a run start from step 0 in `run_dir` (which has no checkpoint)? True if it holds a run of this same
     config that was stopped before its first checkpoint; an empty or missing dir is fine; anything else is refused."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or not any(p.name != LAUNCHER_LOG for p in run_dir.iterdir()):
         return False
     saved = run_dir / "config.yaml"
     try:
