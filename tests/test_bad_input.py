@@ -60,7 +60,14 @@ CASES = [
     ("finished_run", "train.py", ["--run-dir", "run", *STANDARD], "already finished"),
     ("run_dir_of_something_else", "train.py", ["--run-dir", "foreign_run", *STANDARD], "holds no checkpoint of this config"),
     ("goal_outside_grid", "collect.py", ["--goals", "200", *TINY_COLLECT, "traj_dir=fresh"],
-     "--goals 200 is outside the 9x9 grid"),
+     "--goals 200 is outside the task range: use 0..80"),
+    ("fp16_on_cpu", "train.py", ["--run-dir", "new", *STANDARD, "mixed_precision=fp16"], "mixed_precision=fp16 needs a GPU"),
+    ("history_of_another_collection", "train.py", ["--run-dir", "new", *STANDARD, "n_stream=100"],
+     "was collected with n_stream=4 (config: 100)"),
+    ("bad_eval_prune", "evaluate.py", ["--run-dir", "run", "eval_prune=sometimes"], "eval_prune must be one of model, fixed"),
+    ("eval_overwrite_other_settings", "evaluate.py", ["--run-dir", "run", "eval_seed=1"],
+     "holds an evaluation of these weights with eval_seed=0 (now 1); pass --force"),
+    ("probe_model_key", "probe.py", ["--run-dir", "run", "d_model=8"], "'d_model' is fixed by the checkpoint"),
     ("existing_history", "collect.py", ["--goals", "0", *TINY_COLLECT, "traj_dir=datasets"], "already exists: pass --force"),
 ]  # fmt: skip
 
@@ -87,6 +94,7 @@ def workspace(tiny_history, tmp_path_factory) -> Path:
     (w / "typo.yaml").write_text(f"include: {ROOT / 'config' / 'model' / 'ad_dr.yaml'}\nn_layers: 2\n")
 
     run_script("train.py", "--run-dir", "run", *STANDARD, cwd=w)  # a finished run
+    run_script("evaluate.py", "--run-dir", "run", cwd=w)  # ... and evaluated (eval_seed 0)
     ckpt_bytes = (w / "run" / "ckpt.pt").read_bytes()
     for name, content in (("garbage_ckpt", b"\x80\x02garbage" * 100), ("half_ckpt", ckpt_bytes[: len(ckpt_bytes) // 2])):
         (w / name).mkdir()

@@ -63,12 +63,31 @@ def test_optimal_return_hand_computed():
     assert optimal_return(goal_to_pos_inv(0, 5)) == 16  # distance 5
 
 
-def test_split_is_the_published_one():
-    train, test = split_goals(9, 0, 0.9)
+def test_split_is_the_published_one_plus_validation_goals():
+    train, val, test = split_goals(9, 0, 0.9)
+    # the test goals are those other Darkroom AD repos report on, unchanged by the validation split
     assert [goal_to_pos(g) for g in test] == [(4, 2), (5, 6), (6, 8), (7, 2), (3, 6), (0, 5), (5, 8), (5, 4)]
     assert [optimal_return(g) for g in test] == [19, 18, 15, 16, 18, 16, 16, 20]
     assert np.mean([optimal_return(g) for g in test]) == 17.25
-    assert len(train) == 73 and not set(train) & set(test)
+    # validation: the last 8 of the 73 former training goals
+    assert val == [12, 68, 36, 17, 64, 27, 45, 61]
+    assert len(train) == 65 and sorted(train + val + test) == list(range(81))  # disjoint and complete
+    assert split_goals(9, 0, 0.9) == (train, val, test)  # deterministic
+    train0, val0, test0 = split_goals(9, 0, 0.9, n_val=0)
+    assert test0 == test and val0 == [] and train0 == train + val
+    other = split_goals(9, 1, 0.9)
+    assert other[2] != test  # the seed is what fixes the split
+    with pytest.raises(ValueError, match="n_val_tasks=73"):
+        split_goals(9, 0, 0.9, n_val=73)
+
+
+def test_task_split_reads_the_config():
+    from env import task_split
+
+    cfg = {"grid_size": 9, "env_split_seed": 0, "train_env_ratio": 0.9, "n_val_tasks": 4}
+    assert task_split(cfg, "val") == [64, 27, 45, 61] and len(task_split(cfg, "train")) == 69
+    with pytest.raises(ValueError, match="split must be one of"):
+        task_split(cfg, "validation")
 
 
 def test_vec_env_matches_single_env_and_reports_terminal_obs():

@@ -34,6 +34,6 @@ class Scripted(torch.nn.Module):
 def test_last_region_accuracy_counts_only_the_last_region(tiny_history, mode, right_on_last):
     name = "ad_dr_compressed.yaml" if mode == "compressed" else "ad_dr.yaml"
     cfg = load_config(f"config/model/{name}", list(tiny_history[mode]) + [f"traj_dir={tiny_history['traj_dir']}"])
-    acc = last_region_accuracy(Scripted(mode == "compressed", cfg["n_steps"], right_on_last), cfg)
+    acc = last_region_accuracy(Scripted(mode == "compressed", cfg["n_steps"], right_on_last), cfg, "test")
     assert sorted(acc) == [38, 51]  # the held-out goals in the tiny history
     assert all(a == (1.0 if right_on_last else 0.0) for a in acc.values())
