@@ -132,7 +132,7 @@ def history_problem(path: Path, goals: list[int], cfg: dict) -> str | None:
     try:
         f = open_history(path)
     except UserError as e:
-        return f"is unusable ({str(e).split(';')[0]})"
+        return f"is unreadable or of an old format ({str(e).split(';')[0]})"
     with f:
         check_history(f, path, cfg)
         missing = set(goals) - complete_goals(f)

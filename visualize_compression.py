@@ -25,19 +25,11 @@ import yaml
 
 from common import DEFAULT_COLLECT_CONFIG, UserError, add_config_args, history_path, load_config, run_main
 from compare import pyplot
+from history import open_history
 
-ACTION_NAMES = ("row+1", "row-1", "col+1", "col-1", "stay")  # DESIGN §1
+ACTION_NAMES = ("row+1", "row-1", "col+1", "col-1", "stay")  # docs/design.md §1
 REGION_SHADES = ("#c8e6c9", "#a5d6a7")  # alternating greens, so neighbouring regions stay apart
 START_COLOR, END_COLOR = "tab:green", "tab:red"
-
-
-def open_history(path: Path) -> h5py.File:
-    if not path.is_file():
-        raise UserError(f"history file not found: {path}; run `python collect.py` first (or set traj_dir=)")
-    try:
-        return h5py.File(path, "r")
-    except OSError:
-        raise UserError(f"history file {path} is truncated or corrupt; delete it and re-run collect.py") from None
 
 
 def goals_in(f: h5py.File) -> list[int]:
@@ -131,11 +123,11 @@ def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Pat
 
 
 def analyze(path: Path, cfg: dict, out_dir: Path) -> Path:
-    from env import optimal_return, split_goals  # imported here: env pulls in SB3, which takes seconds
+    from env import optimal_return, task_split  # imported here: env pulls in SB3, which takes seconds
 
     with open_history(path) as f:
         grid, horizon = int(f.attrs["grid_size"]), int(f.attrs["horizon"])
-        _, test_goals = split_goals(grid, cfg["env_split_seed"], cfg["train_env_ratio"])
+        split_of = {g: name for name in ("train", "val", "test") for g in task_split(cfg, name)}
         rows, returns = [], {}  # returns[goal] = per-region return per episode, mean over streams
         for goal in goals_in(f):
             g = f[str(goal)]
@@ -151,7 +143,7 @@ def analyze(path: Path, cfg: dict, out_dir: Path) -> Path:
                 {
                     "goal": goal,
                     "pos": tuple(int(x) for x in g.attrs["goal"]),
-                    "split": "test" if goal in test_goals else "train",
+                    "split": split_of[goal],
                     "optimum": optimal_return(goal, grid, horizon),
                     "n_regions": len(bounds),
                     "lengths": lengths,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -89,13 +88,14 @@ def test_mode_all_trains_evaluates_and_reports(workflow):
         ev = json.loads((root / name / "eval_summary.json").read_text())
         assert m["steps_per_s"][mode] == pytest.approx(train["steps_per_s"])
         assert m["peak_rss_mb"][mode] == pytest.approx(train["peak_rss_mb"])
-        assert m["test_acc_action"][mode] == pytest.approx(train["test/acc_action"])
+        assert m["val_acc_action"][mode] == pytest.approx(train["val/acc_action"])
+        assert m["val_return"][mode] == pytest.approx(train["val/return"])
         assert m["mean_return"][mode] == pytest.approx(ev["mean_return"])
         assert m["mean_return_ci95"][mode] == pytest.approx(ev["ci95"])
         assert m["normalized_score"][mode] == pytest.approx(ev["normalized_score"])
         assert [g[f"{mode}_mean"] for g in report["per_goal"]] == pytest.approx([g["mean"] for g in ev["per_goal"]])
         assert [g[f"{mode}_last100"] for g in report["per_goal"]] == pytest.approx([g["last100"] for g in ev["per_goal"]])
-    assert m["test_acc_token_type"]["standard"] is None and m["test_acc_token_type"]["compressed"] is not None
+    assert m["val_acc_token_type"]["standard"] is None and m["val_acc_token_type"]["compressed"] is not None
     assert m["eval_precision_compress_end"]["standard"] is None and m["eval_recall_compress_end"]["compressed"] is not None
 
 
@@ -139,13 +139,25 @@ def test_finished_run_with_other_settings_is_refused(workflow, tiny_history):
 
 def test_mode_evaluate_redoes_only_a_stale_evaluation(workflow, tiny_history, tmp_path):
     root = copy_runs(workflow, tmp_path)
-    ckpt = root / RUNS["compressed"] / "ckpt.pt"
     summary = root / RUNS["compressed"] / "eval_summary.json"
-    later = summary.stat().st_mtime + 0.01
-    os.utime(ckpt, (later, later))  # as if training had continued just after the evaluation
+    ev = json.loads(summary.read_text())
+    summary.write_text(json.dumps({**ev, "weights_sha256": "0" * 64}))  # as if the run had been retrained since
+    # the report refuses the stale pair rather than print an old evaluation next to a new training
+    bad = run_script(EXAMPLE, "--mode", "compare", *example_args(tiny_history, root), check=False)
+    assert_one_line_error(bad, "is an evaluation of other weights than this training's")
     out = run_script(EXAMPLE, "--mode", "evaluate", *example_args(tiny_history, root)).stdout
-    assert "[evaluate standard] skip" in out and "[evaluate compressed] the checkpoint is newer" in out
-    assert summary.stat().st_mtime > later
+    assert "[evaluate standard] skip" in out and "[evaluate compressed] eval_summary.json is of other weights" in out
+    assert json.loads(summary.read_text())["weights_sha256"] == ev["weights_sha256"]
+    run_script(EXAMPLE, "--mode", "compare", *example_args(tiny_history, root))
+
+
+def test_mode_evaluate_on_validation_goals_replaces_the_test_evaluation_and_says_so(workflow, tiny_history, tmp_path):
+    root = copy_runs(workflow, tmp_path)
+    out = run_script(EXAMPLE, "--mode", "evaluate", "--split", "val", *example_args(tiny_history, root)).stdout
+    assert "[evaluate standard] eval settings changed (split test -> val)" in out
+    assert "note: replaced an evaluation with split='test' (now 'val') (--force)" in out
+    ev = json.loads((root / RUNS["standard"] / "eval_summary.json").read_text())
+    assert ev["split"] == "val" and ev["goals"] == [12, 68, 36, 17, 64, 27, 45, 61]
 
 
 def test_run_trained_under_other_eval_defaults_is_evaluated_with_the_current_ones(workflow, tiny_history, tmp_path):
