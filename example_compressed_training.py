@@ -202,37 +202,37 @@ def train_todo(plan: Plan) -> list[tuple[str, list[str]]]:
     return todo
 
 
-def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]]) -> None:
-    """Run several repo scripts at once, one thread each (`num_threads=1`), each logging to its own file: on a
-    2-core CPU two single-thread trainings finish sooner than the same two one after the other with 2 threads each
-    (docs/experiments.md E8). A failure stops the others and shows the failed job's log tail."""
+def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int = 2) -> None:
+    """Run repo scripts `max_jobs` at a time (the next starts when one ends), one thread each (`num_threads=1`), each
+    logging to its own file: on a 2-core CPU two single-thread trainings finish sooner than the same two one after the
+    other with 2 threads each (docs/experiments.md E7). A failure stops the others and shows the failed job's log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = {}
+    queue, running = list(jobs.items()), {}
     start = time.perf_counter()
-    for name, (script, args, log) in jobs.items():
-        log.parent.mkdir(parents=True, exist_ok=True)
-        say(name, f"run: python {script} {' '.join(args)} num_threads=1  (log: {log})")
-        procs[name] = (subprocess.Popen([sys.executable, str(ROOT / script), *args, "num_threads=1"], env=env,
-                                        stdout=log.open("w"), stderr=subprocess.STDOUT), log)
     try:
-        pending = dict(procs)
-        while pending:
-            for name, (proc, log) in list(pending.items()):
+        while queue or running:
+            while queue and len(running) < max_jobs:
+                name, (script, args, log) = queue.pop(0)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                say(name, f"run: python {script} {' '.join(args)} num_threads=1  (log: {log})")
+                proc = subprocess.Popen([sys.executable, str(ROOT / script), *args, "num_threads=1"], env=env,
+                                        stdout=log.open("w"), stderr=subprocess.STDOUT)
+                running[name] = (proc, log)
+            for name, (proc, log) in list(running.items()):
                 rc = proc.poll()
                 if rc is None:
                     continue
-                del pending[name]
+                del running[name]
                 if rc != 0:
                     print("\n".join(log.read_text().splitlines()[-15:]), file=sys.stderr)
                     raise UserError(f"stage '{name}' failed: exited with {rc} (its log {log} ends as above); fix it and "
                                     "re-run this command, finished stages are skipped")
-                say(name, f"done in {time.perf_counter() - start:.0f} s")
+                say(name, f"done ({time.perf_counter() - start:.0f} s since the first started)")
             time.sleep(0.5)
     finally:
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait()
+        for proc, _ in running.values():
+            proc.terminate()
+            proc.wait()
 
 
 def stage_train(plan: Plan) -> None:

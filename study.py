@@ -104,8 +104,10 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
         for name, args, _ in todo:
             run_stage(name, "train.py", args)
         return
-    for i in range(0, len(todo), jobs):  # `jobs` trainings at a time, one thread each
-        run_concurrently({name: ("train.py", args, log) for name, args, log in todo[i : i + jobs]})
+    # the longest first (standard-240 of every seed), so that the two cores stay busy to the end
+    cost = {"standard-240": 3, "standard-160": 2, "compressed": 2}
+    todo.sort(key=lambda job: -cost[job[0].split()[1]])
+    run_concurrently({name: ("train.py", args, log) for name, args, log in todo}, max_jobs=jobs)
 
 
 # ---- stage 3-4: in-context evaluations (worker processes, one thread each) -------------------------------------------
