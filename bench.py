@@ -4,18 +4,24 @@
     python bench.py --full          # real sizes: all 81 goals, 100 training steps, 500 evaluation episodes
     python bench.py --json out.json # also write every figure as JSON
 
-Prints one table: each figure, its target (issue 5) and `ratio` = how far past the target it is (> 1 = target
-met; `target / measured` for upper bounds, `measured / target` for lower bounds). Every measurement runs in a
-fresh subprocess, so peak memory and thread settings of one cannot leak into another.
+Prints one table: each figure, its target and `ratio` = how far past the target it is (> 1 = target met;
+`target / measured` for upper bounds, `measured / target` for lower bounds). Every measurement runs in a fresh
+subprocess, so peak memory and thread settings of one cannot leak into another. Without a history file (a fresh
+clone) it first collects 2 training goals with the default PPO config into datasets/bench/ (~15 s).
 
 - collection: `collect.collect_goal` (SB3 PPO, default config) on randomly drawn goals, `n_process` goals at a
   time in a process pool like `collect.py`; seconds per goal per core, the 81-goal time this projects, and the
   last-region PPO return as a fraction of the optimum. Nothing is written.
 - training: the `train.py` step (forward, backward, grad clip, AdamW) on real batches of
   `HistoryDataset(...).batch(step)` from the history file, batch generation included, timed per step after
-  warm-up steps (steps/s = 1 / median step time; best of 2-3 fresh processes per mode, as the same step runs
-  up to ~10% faster or slower from one process to the next); peak RSS growth over the baseline after a 2-row
-  step, and the bytes of activations autograd saves for backward in one step.
+  warm-up steps (steps/s = 1 / median step time; best of 2-3 fresh processes per option, as the same step runs
+  up to ~30% faster or slower from one process to the next); peak RSS growth over the baseline after a 2-row
+  step, and the bytes of activations autograd saves for backward in one step. Options, each measured on its own
+  against the baseline of this same run (fp32, torch's default threads, eager): `mixed_precision=bf16`,
+  `compile=true` (with bf16), one thread; and the two modes trained at once, one thread each (what the workflow
+  and the study do). FLOPs per step are counted with torch's FlopCounterMode; the limit is the measured matmul
+  rate of this CPU at the model's shapes (fp32 and bf16); a profile (torch.profiler) says where a step's time goes.
+- projection: the default main job (collect, train both modes at once, evaluate both) from the measured parts.
 - evaluation: `evaluate.run_in_context` on the 8 held-out goals x `eval_streams`, cached and uncached, on a
   randomly initialised model of the default config. A random model's token-type head says `</compress>` at
   random steps, so in compressed mode the head is biased never to say it and regions close by the
@@ -44,10 +50,12 @@ STANDARD_CONFIG = ROOT / "config" / "model" / "ad_dr.yaml"
 COMPRESSED_CONFIG = ROOT / "config" / "model" / "ad_dr_compressed.yaml"
 MODES = {"standard": STANDARD_CONFIG, "compressed": COMPRESSED_CONFIG}
 
-# targets from issue 5 (2-core CPU, default configs)
-COLLECT_81_S = 600.0
+# targets (2-core CPU, default configs): the performance issue's, training as a multiple of the fp32 baseline
+COLLECT_81_S = 300.0
 COLLECT_FRACTION = 0.90
-TARGETS_PER_S = 35_000.0
+TARGET_SPEEDUP = 2.0  # training targets/s vs this run's fp32 / default-threads / eager baseline
+TARGETS_PER_S = {"standard": 115_000.0, "compressed": 110_000.0}
+MAIN_JOB_S = 1200.0
 COMPRESSED_SPEEDUP = 1.4
 MEMORY_REDUCTION = 0.30
 EVAL_500_S = 30.0
@@ -55,7 +63,7 @@ FLAT_MEMORY_MB = 10.0  # "no growth with episode count": the peak RSS may not gr
 
 SIZES = {  # small / --full
     "collect_goals": (2, 81),
-    "train_steps": (20, 60),
+    "train_steps": (15, 40),
     "train_repeats": (2, 3),
     "train_warmup": (3, 5),
     "eval_cached_episodes": (50, 500),
@@ -177,23 +185,33 @@ def saved_activation_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-def measure_training(mode: str, n_steps: int, n_warmup: int) -> dict:
-    import torch
+def train_config(mode: str, options: dict) -> dict:
+    from common import load_config
 
-    from common import history_path, load_config
+    return load_config(MODES[mode], [f"{k}={v}" for k, v in options.items() if k in ("mixed_precision", "traj_dir")])
+
+
+def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> dict:
+    """Time the training step with `options` (mixed_precision, compile, traj_dir)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from common import history_path
     from dataset import HistoryDataset
     from model import MODEL, ADConfig
 
-    cfg = load_config(MODES[mode])
-    path = history_path(cfg)
-    data = HistoryDataset(path, cfg, "train", cfg["train_batch_size"], cfg["seed"])
+    cfg = train_config(mode, options)
+    data = HistoryDataset(history_path(cfg), cfg, "train", cfg["train_batch_size"], cfg["seed"])
     torch.manual_seed(cfg["seed"])
     model = MODEL[cfg["model"]](ADConfig.from_dict(cfg)).train()
+    fn = torch.compile(model) if options.get("compile") else model
+    bf16 = cfg["mixed_precision"] == "bf16"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.99))
 
-    def step(i: int, rows: int | None = None) -> int:
+    def step(i: int, rows: int | None = None, f=fn) -> int:
         batch = data.batch(i)
-        out = model({k: v[:rows] for k, v in batch.items()} if rows else batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what accelerate's autocast does on CPU
+            out = f({k: v[:rows] for k, v in batch.items()} if rows else batch)
         out["loss"].backward()
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -203,26 +221,99 @@ def measure_training(mode: str, n_steps: int, n_warmup: int) -> dict:
 
     # one step on 2 rows pages in the kernels' code and creates the optimiser state: the baseline then holds
     # everything but what scales with the batch (activations, their gradients, allocator caches)
-    step(0, rows=2)
+    step(0, rows=2, f=model)
     base = rss_mb()
     reset_ok = reset_peak_rss()
-    for i in range(n_warmup):
+    t0 = time.perf_counter()
+    for i in range(n_warmup + (5 if options.get("compile") else 0)):  # compile: its first steps compile
         step(i)
+    warmup_s = time.perf_counter() - t0
     times, targets = [], 0
     for i in range(n_warmup, n_warmup + n_steps):
         start = time.perf_counter()
         targets += step(i)
         times.append(time.perf_counter() - start)
     peak = peak_rss_mb()
+    with FlopCounterMode(display=False) as counter:  # forward + backward FLOPs of one step (eager model)
+        step(0, f=model)
     saved = saved_activation_bytes(model, data.batch(0))
     step_s = statistics.median(times)  # robust to a step slowed by something else on the machine
     return {
-        "mode": mode, "batch_size": cfg["train_batch_size"], "seq_len": cfg["n_transit"], "steps": n_steps,
+        "mode": mode, "options": options, "batch_size": cfg["train_batch_size"], "seq_len": cfg["n_transit"],
+        "steps": n_steps, "threads": torch.get_num_threads(), "warmup_s": warmup_s,
         "median_step_s": step_s, "mean_step_s": sum(times) / n_steps,
         "steps_per_s": 1 / step_s, "targets_per_s": targets / n_steps / step_s, "targets_per_step": targets / n_steps,
+        "gflop_per_step": counter.get_total_flops() / 1e9, "gflop_per_s": counter.get_total_flops() / 1e9 / step_s,
         "saved_activations_mb": saved / 2**20, "baseline_rss_mb": base, "peak_rss_mb": peak,
         "peak_rss_growth_mb": peak - base if reset_ok else float("nan"),
     }
+
+
+def measure_profile(mode: str, options: dict, n_steps: int = 4) -> dict:
+    """Where a training step's time goes (torch.profiler, self CPU time): attention, matmuls, the rest."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from common import history_path
+    from dataset import HistoryDataset
+    from model import MODEL, ADConfig
+
+    cfg = train_config(mode, options)
+    data = HistoryDataset(history_path(cfg), cfg, "train", cfg["train_batch_size"], cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    model = MODEL[cfg["model"]](ADConfig.from_dict(cfg)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
+    bf16 = cfg["mixed_precision"] == "bf16"
+
+    def step(i):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(data.batch(i))
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(2):
+        step(i)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(n_steps):
+            step(i)
+    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in ops)
+    groups = {"attention (SDPA flash, fwd + bwd)": ("scaled_dot_product", "flash"),
+              "matmul (mm / addmm / bmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+              "dtype casts / copies": ("aten::copy_", "aten::_to_copy"),
+              "GELU, LayerNorm, embeddings, loss": ("gelu", "layer_norm", "embedding", "softmax", "nll")}
+    shares = {}
+    for name, keys in groups.items():
+        shares[name] = sum(t for k, t in ops if any(x in k for x in keys)) / total
+    shares["everything else (optimiser, indexing, Python)"] = 1 - sum(shares.values())
+    top = sorted(ops, key=lambda x: -x[1])[:6]
+    return {"mode": mode, "options": options, "ms_per_step": total / 1000 / n_steps, "shares": shares,
+            "top_ops": [(k, t / total) for k, t in top]}
+
+
+def measure_matmul_peak(mode: str, options: dict) -> dict:
+    """GFLOP/s of this CPU's matmuls at the model's shapes (tokens x 64 -> 192 / 256, 256 -> 64), fp32 and bf16: the
+    limit a training step could approach if it were all matmul."""
+    import torch
+
+    cfg = train_config(mode, options)
+    rows = cfg["train_batch_size"] * cfg["n_transit"]
+    D = cfg["d_model"]
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        rates = []
+        for k, n in ((D, 3 * D), (D, 4 * D), (4 * D, D)):
+            a, b = torch.randn(rows, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            for _ in range(3):
+                a @ b
+            reps, t0 = 20, time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            rates.append(2 * rows * k * n * reps / (time.perf_counter() - t0) / 1e9)
+        out[str(dtype).split(".")[1]] = statistics.mean(rates)
+    return {"gflop_per_s": out, "threads": torch.get_num_threads()}
 
 
 def eval_model(mode: str, run_dir: str | None):
@@ -255,10 +346,10 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
     import torch
 
     import evaluate
-    from env import split_goals
+    from env import task_split
 
     model, cfg, trained = eval_model(mode, run_dir)
-    _, test_goals = split_goals(cfg["grid_size"], cfg["env_split_seed"], cfg["train_env_ratio"])
+    test_goals = task_split(cfg, "test")
     longest, rss, steps_done = [0], {}, [0]
     if rss_at:
         marks = {n * cfg["horizon"]: n for n in rss_at}
@@ -276,7 +367,7 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
     reset_ok = reset_peak_rss()
     start = time.perf_counter()
     res = evaluate.run_in_context(model, cfg, test_goals, n_streams=cfg["eval_streams"], n_episodes=n_episodes,
-                                  seed=cfg["seed"], use_cache=use_cache, progress=False)
+                                  seed=cfg["eval_seed"], use_cache=use_cache, progress=False)
     secs = time.perf_counter() - start
     if n_episodes in rss_at:
         rss[n_episodes] = peak_rss_mb()
@@ -293,6 +384,46 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
     }
 
 
+def ensure_history() -> Path:
+    """The history the training benchmark reads: the default file if it exists, else 2 training goals collected with the
+    default PPO config into datasets/bench/ (kept for the next run). Returns its traj_dir."""
+    from common import DEFAULT_COLLECT_CONFIG, history_path, load_config
+
+    cfg = load_config(DEFAULT_COLLECT_CONFIG)
+    if history_path(cfg).is_file():
+        return history_path(cfg).parent
+    bench_dir = ROOT / "datasets" / "bench"
+    if not history_path({**cfg, "traj_dir": str(bench_dir)}).is_file():
+        from env import task_split
+
+        goals = ",".join(map(str, task_split(load_config(STANDARD_CONFIG), "train")[:2]))
+        print(f"no history file at {history_path(cfg)}: collecting goals {goals} into {bench_dir} for the benchmark", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "collect.py"), "--goals", goals, f"traj_dir={bench_dir}"], cwd=ROOT,
+                       check=True, capture_output=True)
+    return bench_dir
+
+
+def default_train_steps() -> int:
+    from common import load_config
+
+    return load_config(STANDARD_CONFIG)["train_timesteps"]
+
+
+def run_workers_at_once(specs: list[dict]) -> list[dict]:
+    """Several measurements in fresh interpreters at the same time (e.g. two single-thread trainings)."""
+    before, start = cpu_snapshot(), time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(sp)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for sp in specs]
+    outs = [p.communicate() for p in procs]
+    busy = busy_others(before, cpu_snapshot(), time.perf_counter() - start)
+    res = []
+    for sp, p, (out, err) in zip(specs, procs, outs, strict=True):
+        if p.returncode != 0:
+            raise SystemExit(f"benchmark step {sp} failed:\n{err[-3000:]}")
+        res.append(json.loads(out.strip().splitlines()[-1]) | {"busy": busy})
+    return res
+
+
 def worker(spec: dict) -> dict:
     if spec.get("threads"):
         import torch
@@ -304,7 +435,11 @@ def worker(spec: dict) -> dict:
     if kind == "history":
         return {"history": history_file_stats()}
     if kind == "train":
-        return measure_training(spec["mode"], spec["steps"], spec["warmup"])
+        return measure_training(spec["mode"], spec["steps"], spec["warmup"], spec["options"])
+    if kind == "profile":
+        return measure_profile(spec["mode"], spec["options"])
+    if kind == "matmul":
+        return measure_matmul_peak(spec["mode"], spec["options"])
     if kind == "eval":
         return measure_eval(spec["mode"], spec["cached"], spec["episodes"], spec.get("run_dir"), tuple(spec.get("rss_at", ())))
     raise ValueError(f"unknown benchmark kind {kind!r}")
@@ -411,30 +546,73 @@ def main():
                       COLLECT_FRACTION)
 
     if "train" in sections:
-        # the same step runs up to ~10% faster or slower from one process to the next (where the allocator puts
-        # things, page faults): interleave the modes over several fresh processes and keep each mode's best
-        runs: dict[str, list] = {mode: [] for mode in MODES}
-        for rep in range(SIZES["train_repeats"][k]):
-            for mode in MODES:
-                print(f"training: {mode} ({rep + 1}/{SIZES['train_repeats'][k]}) ...", flush=True)
-                runs[mode].append(run_worker({"kind": "train", "mode": mode, "steps": SIZES["train_steps"][k],
-                                              "warmup": SIZES["train_warmup"][k], "threads": args.threads}, args.retries))
-        tr = {mode: max(r, key=lambda x: x["steps_per_s"]) | {"all_steps_per_s": [x["steps_per_s"] for x in r]}
-              for mode, r in runs.items()}
-        res["train"] = tr
-        for mode, r in tr.items():
-            table.add(f"train {mode}: steps/s (batch {r['batch_size']} x {r['seq_len']}, best of {len(r['all_steps_per_s'])})",
-                      r["steps_per_s"], "{:.2f}", busy=r["busy"])
-            table.add(f"train {mode}: action targets/s", r["targets_per_s"], "{:,.0f}", TARGETS_PER_S, busy=r["busy"])
-            table.add(f"train {mode}: activations saved for backward", r["saved_activations_mb"], "{:.0f}", unit=" MB")
-            table.add(f"train {mode}: peak RSS growth over model+data", r["peak_rss_growth_mb"], "{:.0f}", unit=" MB")
-        s, c = tr["standard"], tr["compressed"]
-        table.add("train compressed / standard steps/s", c["steps_per_s"] / s["steps_per_s"], "{:.2f}", COMPRESSED_SPEEDUP,
+        traj = {"traj_dir": str(ensure_history())}
+        n, warm, reps = SIZES["train_steps"][k], SIZES["train_warmup"][k], SIZES["train_repeats"][k]
+        variants = {  # name -> (options, threads); "baseline" is the reference every ratio is taken against
+            "baseline (fp32, eager)": ({"mixed_precision": "no"}, args.threads),
+            "bf16": ({"mixed_precision": "bf16"}, args.threads),
+            "bf16 + compile": ({"mixed_precision": "bf16", "compile": True}, args.threads),
+            "bf16, 1 thread": ({"mixed_precision": "bf16"}, 1),
+        }
+        tr: dict = {}
+        for mode in MODES:
+            for name, (options, thr) in variants.items():
+                # the same step runs up to ~30% faster or slower from one process to the next (where the allocator
+                # puts things): several fresh processes per variant, best kept (compile: one, it is slow to start)
+                r = []
+                for rep in range(1 if "compile" in name else reps):
+                    print(f"training: {mode}, {name} ({rep + 1}) ...", flush=True)
+                    r.append(run_worker({"kind": "train", "mode": mode, "steps": n, "warmup": warm, "threads": thr,
+                                         "options": {**options, **traj}}, args.retries))
+                tr[mode, name] = max(r, key=lambda x: x["steps_per_s"]) | {"all_steps_per_s": [x["steps_per_s"] for x in r]}
+        print("training: both modes at once, bf16, 1 thread each ...", flush=True)
+        pair = run_workers_at_once([{"kind": "train", "mode": m, "steps": n, "warmup": warm, "threads": 1,
+                                     "options": {"mixed_precision": "bf16", **traj}} for m in MODES])
+        print("profile and matmul peak ...", flush=True)
+        prof = {(m, p): run_worker({"kind": "profile", "mode": m, "threads": args.threads,
+                                    "options": {"mixed_precision": p, **traj}}) for m in MODES for p in ("no", "bf16")}
+        peak = run_worker({"kind": "matmul", "mode": "standard", "threads": args.threads, "options": traj})
+        res["train"] = {f"{m}/{name}": r for (m, name), r in tr.items()} | {
+            "pair_1_thread_each": pair, "profile": {f"{m}/{p}": r for (m, p), r in prof.items()}, "matmul_peak": peak}
+        for mode in MODES:
+            base = tr[mode, "baseline (fp32, eager)"]
+            for name in variants:
+                r = tr[mode, name]
+                table.add(f"train {mode}: targets/s, {name} (batch {r['batch_size']} x {r['seq_len']}, {r['threads']} thr)",
+                          r["targets_per_s"], "{:,.0f}", busy=r["busy"])
+                if name != "baseline (fp32, eager)":
+                    table.add(f"train {mode}: {name} / baseline", r["targets_per_s"] / base["targets_per_s"], "{:.2f}",
+                              unit="x", busy=r["busy"])
+            best = max((tr[mode, name] for name in variants if "1 thread" not in name), key=lambda x: x["targets_per_s"])
+            table.add(f"train {mode}: best single run ({best['options'].get('mixed_precision')}"
+                      f"{', compile' if best['options'].get('compile') else ''}) vs target",
+                      best["targets_per_s"], "{:,.0f}", TARGETS_PER_S[mode], busy=best["busy"])
+            table.add(f"train {mode}: best single run / baseline", best["targets_per_s"] / base["targets_per_s"], "{:.2f}",
+                      TARGET_SPEEDUP, unit="x")
+            table.add(f"train {mode}: GFLOP/s achieved (bf16; {base['gflop_per_step']:.1f} GFLOP per step)",
+                      tr[mode, "bf16"]["gflop_per_s"], "{:.0f}")
+        both = sum(r["targets_per_s"] for r in pair)
+        base_both = statistics.mean(tr[m, "baseline (fp32, eager)"]["targets_per_s"] for m in MODES)
+        table.add("train: both modes at once (bf16, 1 thread each), machine targets/s", both, "{:,.0f}",
+                  busy=[b for r in pair for b in r["busy"]])
+        table.add("train: machine throughput / baseline (one run on all cores)", both / base_both, "{:.2f}", TARGET_SPEEDUP,
+                  unit="x")
+        for dt, rate in peak["gflop_per_s"].items():
+            table.add(f"matmul peak at the model's shapes, {dt} ({peak['threads']} thr)", rate, "{:.0f}", unit=" GFLOP/s")
+        for (m, p), r in prof.items():
+            shares = ", ".join(f"{name.split(' (')[0]} {v:.0%}" for name, v in r["shares"].items())
+            table.add(f"profile {m} {'bf16' if p == 'bf16' else 'fp32'}: ms/step; {shares}", r["ms_per_step"], "{:.0f}")
+        s_std = [r for r in pair if r["mode"] == "standard"][0]
+        s_cmp = [r for r in pair if r["mode"] == "compressed"][0]
+        res["train_pair_s"] = {r["mode"]: r["median_step_s"] for r in pair}
+        s, c = tr["standard", "bf16"], tr["compressed", "bf16"]
+        table.add("train compressed / standard steps/s (bf16)", c["steps_per_s"] / s["steps_per_s"], "{:.2f}", COMPRESSED_SPEEDUP,
                   busy=s["busy"] + c["busy"])
         table.add("train memory reduction (saved activations)", 1 - c["saved_activations_mb"] / s["saved_activations_mb"],
                   "{:.3f}", MEMORY_REDUCTION)
         table.add("train memory reduction (peak RSS growth)", 1 - c["peak_rss_growth_mb"] / s["peak_rss_growth_mb"],
                   "{:.3f}", MEMORY_REDUCTION)
+        res["projected_train_s"] = max(r["median_step_s"] for r in (s_std, s_cmp)) * default_train_steps()
 
     if "eval" in sections:
         ev = {}
@@ -477,6 +655,15 @@ def main():
             table.add(f"eval {mode}: longest context (n_transit {r['n_transit']})", r["longest_context"], "{:.0f}",
                       r["n_transit"], upper=True)
         res["memory"] = mem
+
+    if "projected_train_s" in res and "collect" in res and "eval" in res:
+        ev = res["eval"]
+        ev_s = ev["standard_cached"]["projected_500_s"] + ev["compressed_cached"]["projected_500_s"]
+        total = res["collect"]["projected_81_goals_s"] + res["projected_train_s"] + ev_s
+        res["projected_main_job_s"] = total
+        table.add(f"main job projected: collect {res['collect']['projected_81_goals_s']:.0f} s + train both at once "
+                  f"{res['projected_train_s']:.0f} s + evaluate {ev_s:.0f} s (no val rollouts / checkpoints)",
+                  total, "{:.0f}", MAIN_JOB_S, upper=True, unit=" s")
 
     title = (f"`python bench.py{' --full' if args.full else ''}`: {threads} torch thread(s), {os.cpu_count()} CPUs, "
              f"{time.perf_counter() - t0:.0f} s" + (", OTHER PROCESSES WERE BUSY" if others else ""))

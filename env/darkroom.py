@@ -15,9 +15,11 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 
+from model.ad import N_ACTIONS  # the model's action vocabulary is the one home of the action count
+
 # action -> (d_row, d_col): 0 row+1, 1 row-1, 2 col+1, 3 col-1, 4 stay
 MOVES = np.array([[1, 0], [-1, 0], [0, 1], [0, -1], [0, 0]], dtype=np.int64)
-N_ACTIONS = len(MOVES)
+assert len(MOVES) == N_ACTIONS
 
 
 def goal_to_pos(goal_idx: int, grid_size: int = 9) -> tuple[int, int]:
