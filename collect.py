@@ -2,8 +2,10 @@
 
     python collect.py [--config config/algorithm/ppo_darkroom.yaml] [--force] [key=value ...]
 
-Each goal runs `n_stream` parallel streams for `total_source_timesteps` steps each; a `<compress>` marker
-precedes the first step of every PPO rollout and a `</compress>` follows its last (docs/design.md §2). The file is
+Each goal runs `n_stream` parallel streams for `total_source_timesteps` steps each, in PPO rollouts of `n_steps`
+(or, with a list such as `n_steps: [40, 80, 120]`, of a length drawn per goal from (alg_seed, goal), stored in the
+goal's attrs). A `<compress>` marker precedes the first step of every PPO rollout and a `</compress>` follows its last
+(docs/design.md §2). The file is
 built under `<name>.partial` and renamed when complete; a killed run resumes from the goals it finished.
 """
 
@@ -25,7 +27,16 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
-from common import DEFAULT_COLLECT_CONFIG, UserError, add_config_args, history_path, load_config, parse_goals, run_main
+from common import (
+    DEFAULT_COLLECT_CONFIG,
+    UserError,
+    add_config_args,
+    history_path,
+    load_config,
+    n_steps_of,
+    parse_goals,
+    run_main,
+)
 from env import DarkroomVecEnv, goal_to_pos, optimal_return
 from history import FIELDS, FORMAT_VERSION, collect_keys
 
@@ -73,11 +84,12 @@ def collect_goal(goal: int, cfg: dict) -> tuple[int, dict, float]:
     torch.set_num_threads(1)  # one core per goal process; parallelism comes from n_process
     start = time.perf_counter()
     venv = DarkroomVecEnv(cfg["n_stream"], goal, cfg["grid_size"], cfg["horizon"])
-    rollout = cfg["n_steps"] * cfg["n_stream"]
+    n_steps = n_steps_of(cfg, goal)
+    rollout = n_steps * cfg["n_stream"]
     model = PPO(
         "MlpPolicy",
         venv,
-        n_steps=cfg["n_steps"],
+        n_steps=n_steps,
         batch_size=min(cfg["ppo_batch_size"], rollout),
         n_epochs=cfg["ppo_n_epochs"],
         learning_rate=cfg["ppo_lr"],
@@ -119,10 +131,10 @@ def write_goal(f: h5py.File, goal: int, data: dict, cfg: dict) -> None:
         del f[str(goal)]
     g = f.create_group(str(goal))
     g.attrs["goal"] = goal_to_pos(goal, cfg["grid_size"])
-    g.attrs["n_steps"] = cfg["n_steps"]
+    g.attrs["n_steps"] = n_steps_of(cfg, goal)  # this goal's PPO rollout length (one region)
     for name in FIELDS:
         arr = data[name]
-        chunks = (min(arr.shape[0], cfg["n_steps"] * 4), arr.shape[1]) + arr.shape[2:]
+        chunks = (min(arr.shape[0], 320), arr.shape[1]) + arr.shape[2:]
         g.create_dataset(name, data=arr, chunks=chunks, compression="gzip", compression_opts=4)
     g.attrs["complete"] = True  # written last: a group without it was cut off by a kill
 
@@ -201,7 +213,7 @@ def main():
         for goal, data, secs in results:
             write_goal(f, goal, data, cfg)
             f.flush()
-            ret = region_returns(data["rewards"], cfg["n_steps"], cfg["horizon"])
+            ret = region_returns(data["rewards"], n_steps_of(cfg, goal), cfg["horizon"])
             best = optimal_return(goal, cfg["grid_size"], cfg["horizon"])
             bar.set_postfix(goal=goal, final=f"{ret[-1]:.1f}/{best}", s=f"{secs:.1f}")
             bar.update()
@@ -213,7 +225,7 @@ def main():
         assert not missing, f"goals missing from the history: {missing}"
         first, last, opt = [], [], []
         for g in goals:
-            ret = region_returns(f[str(g)]["rewards"][:], cfg["n_steps"], cfg["horizon"])
+            ret = region_returns(f[str(g)]["rewards"][:], n_steps_of(cfg, g), cfg["horizon"])
             first.append(ret[0])
             last.append(ret[-1])
             opt.append(optimal_return(g, cfg["grid_size"], cfg["horizon"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ SCHEMA: dict[str, type] = {
     # env
     "env": str, "grid_size": int, "horizon": int, "env_split_seed": int, "train_env_ratio": float, "n_val_tasks": int,
     # source algorithm / collection
-    "alg": str, "alg_seed": int, "n_steps": int, "n_stream": int, "total_source_timesteps": int,
+    "alg": str, "alg_seed": int, "n_steps": (int, list), "n_stream": int, "total_source_timesteps": int,
     "ppo_batch_size": int, "ppo_n_epochs": int, "ppo_lr": float, "ppo_ent_coef": float,
     "ppo_gamma": float, "ppo_gae_lambda": float, "ppo_clip_range": float, "ppo_net_arch": int,
     "n_process": int, "traj_dir": str,
@@ -74,6 +75,11 @@ def _check_type(key: str, value, source: str):
     if key not in SCHEMA:
         raise UserError(f"unknown config key '{key}' ({source}); valid keys: see config/*/*.yaml")
     want = SCHEMA[key]
+    if want == (int, list):  # n_steps: one rollout length, or a set of them drawn per task (docs/design.md §2)
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+            raise UserError(f"config key '{key}' must be a positive int or a list of them, got {value!r} ({source})")
+        return value
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
@@ -105,20 +111,34 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def rollout_lengths(cfg: dict) -> list[int]:
+    """The PPO rollout lengths a config's history holds: [n_steps], or the set tasks draw theirs from."""
+    return list(cfg["n_steps"]) if isinstance(cfg["n_steps"], list) else [cfg["n_steps"]]
+
+
+def n_steps_of(cfg: dict, task: int) -> int:
+    """The rollout length of one task: n_steps, or with a list, a draw from it fixed by (alg_seed, task)."""
+    lengths = rollout_lengths(cfg)
+    return lengths[0] if len(lengths) == 1 else random.Random(cfg["alg_seed"] * 100_003 + task).choice(lengths)
+
+
 def validate(cfg: dict) -> dict:
     """Consistency checks between keys (one line each, naming the fix)."""
-    if "total_source_timesteps" in cfg and cfg["total_source_timesteps"] % cfg["n_steps"]:
-        raise UserError(
-            f"total_source_timesteps={cfg['total_source_timesteps']} is not a multiple of n_steps={cfg['n_steps']}; "
-            "history regions are whole PPO rollouts"
-        )
+    for n in rollout_lengths(cfg) if "n_steps" in cfg else []:
+        if "total_source_timesteps" in cfg and cfg["total_source_timesteps"] % n:
+            raise UserError(
+                f"total_source_timesteps={cfg['total_source_timesteps']} is not a multiple of n_steps={n}; "
+                "history regions are whole PPO rollouts"
+            )
     if "d_model" in cfg and "n_head" in cfg and cfg["d_model"] % cfg["n_head"]:
         raise UserError(f"d_model={cfg['d_model']} is not divisible by n_head={cfg['n_head']}")
     if cfg.get("use_compressed_context"):
-        if cfg["compress_interval"] != cfg["n_steps"]:
+        longest = max(rollout_lengths(cfg))
+        if cfg["compress_interval"] != longest:
+            what = "PPO n_steps" if not isinstance(cfg["n_steps"], list) else "the longest PPO n_steps"
             raise UserError(
-                f"compress_interval={cfg['compress_interval']} must equal PPO n_steps={cfg['n_steps']}: "
-                f"regions are PPO rollouts; set compress_interval={cfg['n_steps']} or re-collect with matching n_steps"
+                f"compress_interval={cfg['compress_interval']} must equal {what}={longest}: "
+                f"regions are PPO rollouts; set compress_interval={longest} or re-collect with matching n_steps"
             )
         need = min_compressed_context(cfg["compress_interval"], cfg["max_regions"])
         if cfg["n_transit"] < need:

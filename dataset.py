@@ -82,9 +82,8 @@ class HistoryDataset(IterableDataset):
         self.n_steps = cfg["n_steps"]
         self.seed, self.rank, self.step = seed, rank, start_step
         self.pad_state = n_state_ids(cfg["grid_size"]) - 1
-        if self.compressed:
-            regions = self.data[self.goals[0]]["regions"]
-            longest = int((regions[:, 1] - regions[:, 0]).max())
+        if self.compressed:  # regions may differ in length between goals (n_steps drawn per goal): size for the longest
+            longest = max(int((d["regions"][:, 1] - d["regions"][:, 0]).max()) for d in self.data.values())
             need = self.max_regions * (longest + 2) - 1
             if need > self.n_transit:
                 raise UserError(f"n_transit={self.n_transit} is too small for {self.max_regions} regions of {longest} steps "
@@ -133,6 +132,15 @@ class HistoryDataset(IterableDataset):
         out = self._trim(b, length)
         out["in_last"] = torch.from_numpy(in_last & (out["target_action"].numpy() != IGNORE))
         return out
+
+    def region_contexts(self, goal: int, streams, k: int) -> dict:
+        """A batch of the training context that ends with region `k` of each of `streams` of `goal` (compressed mode):
+        the sequences whose token-type targets say where region k closes."""
+        d = self.data[goal]
+        b, length = self._empty(len(streams)), 0
+        for i, s in enumerate(streams):
+            length = max(length, self._compressed_sample(b, i, d, s, k))
+        return self._trim(b, length)
 
     @staticmethod
     def _trim(b: dict, length: int) -> dict:

@@ -221,6 +221,19 @@ def boundary_metrics(closes: list[list[int]], n_total: int, interval: int) -> di
             "recall_compress_end": correct / max(n_true, 1)}
 
 
+def region_stats(closes: list[list[int]], forced: list[list[int]]) -> dict:
+    """Per stream: the lengths (steps) of the regions it closed, in order; and over all streams, the fraction of regions
+    after the first whose length equals the previous region's (a model that reads the length from its context keeps
+    it), and the first regions' lengths."""
+    lengths = []
+    for c, f in zip(closes, forced, strict=True):
+        ends = sorted(c + f)
+        lengths.append([int(b - a) for a, b in zip([-1, *ends[:-1]], ends, strict=True)])
+    pairs = [(a, b) for ls in lengths for a, b in zip(ls[:-1], ls[1:], strict=False)]
+    return {"region_lengths": lengths, "first_region_lengths": [ls[0] if ls else None for ls in lengths],
+            "consistency": sum(a == b for a, b in pairs) / len(pairs) if pairs else None, "n_region_pairs": len(pairs)}
+
+
 def prune_quality(rewards: np.ndarray, prunes: list[list[int]], window: int) -> dict:
     """Reward per step in the `window` steps before each prune vs the `window` steps after it."""
     before, after = [], []
@@ -260,7 +273,10 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
         "per_goal": per_goal,
     }
     if cfg["use_compressed_context"]:
-        s["compression"] = {**boundary_metrics(res["closes"], n_total, cfg["compress_interval"]),
+        # against the n_steps grid, where there is one (with n_steps drawn per task there is none: see consistency)
+        grid = boundary_metrics(res["closes"], n_total, cfg["n_steps"]) if isinstance(cfg["n_steps"], int) else {
+            "n_closes": sum(len(c) for c in res["closes"]), "precision_compress_end": None, "recall_compress_end": None}
+        s["compression"] = {**grid, **region_stats(res["closes"], res["forced_closes"]),
                             "n_forced_closes": sum(len(c) for c in res["forced_closes"]),
                             **prune_quality(res["rewards"], res["prunes"], H),
                             "close_steps": [list(map(int, c)) for c in res["closes"]],
@@ -278,8 +294,11 @@ def print_table(s: dict) -> None:
           f"optimum {s['optimum_mean']:.2f}; normalised {s['normalized_score']:.3f}")
     if "compression" in s:
         c = s["compression"]
-        print(f"</compress>: {c['n_closes']} closes, precision {c['precision_compress_end']:.3f}, recall "
-              f"{c['recall_compress_end']:.3f}, forced {c['n_forced_closes']}; reward/step before vs after prune "
+        grid = (f"precision {c['precision_compress_end']:.3f}, recall {c['recall_compress_end']:.3f}"
+                if c["precision_compress_end"] is not None else "no fixed grid")
+        cons = f"{c['consistency']:.3f}" if c["consistency"] is not None else "n/a"
+        print(f"</compress>: {c['n_closes']} closes ({grid}), forced {c['n_forced_closes']}, regions as long as the "
+              f"previous one {cons}; reward/step before vs after prune "
               f"{c.get('reward_per_step_before_prune', float('nan')):.3f} vs "
               f"{c.get('reward_per_step_after_prune', float('nan')):.3f}")
 

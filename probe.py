@@ -8,7 +8,12 @@
    max_regions=2) or the last `n_transit` steps (standard mode). By then PPO has found the goal, so a model that reads
    the goal from the rewards in its context scores high on every goal; one that memorised the training goals does not.
    Seconds, no rollout: the cheap signal to check early in a tuning run (docs/experiments.md).
-2. With `--episodes N`: `evaluate.run_in_context` on the held-out goals for N episodes (nothing is written).
+2. Compressed mode: teacher-forced `</compress>` precision / recall on the held-out histories' regions, separately for
+   regions with a previous region in context and for first regions, next to a position-only baseline (close after the
+   most common region length of the training goals): what the head reads from its context beyond position. With one
+   n_steps for every task the baseline is perfect too; with n_steps drawn per task (config/model/ad_dr_adaptive.yaml)
+   only a model that reads the previous region's length can beat it.
+3. With `--episodes N`: `evaluate.run_in_context` on the held-out goals for N episodes (nothing is written).
 Held-out goals are the validation goals unless `--split test` (tuning decisions are made on validation goals).
 """
 
@@ -25,6 +30,7 @@ from common import EVAL_KEYS, history_path, run_main
 from dataset import HistoryDataset
 from env import task_split
 from evaluate import load_run, run_in_context, summarize
+from model.ad import IGNORE
 
 
 @torch.no_grad()
@@ -39,6 +45,53 @@ def last_region_accuracy(model, cfg: dict, split: str = "val", device="cpu") -> 
     return acc
 
 
+def _pr(pred: np.ndarray, true: np.ndarray) -> dict:
+    tp = int((pred & true).sum())
+    return {"precision": tp / max(int(pred.sum()), 1), "recall": tp / max(int(true.sum()), 1), "n_true": int(true.sum())}
+
+
+def trained_region_length(cfg: dict) -> int:
+    """The most common region length among the training goals' histories (what a position-only rule would use)."""
+    from history import open_history
+
+    counts: dict[int, int] = {}
+    with open_history(history_path(cfg)) as f:
+        for g in task_split(cfg, "train"):
+            if str(g) in f:
+                n = int(f[str(g)].attrs["n_steps"])
+                counts[n] = counts.get(n, 0) + f[str(g)]["actions"].shape[0] // n
+    return max(counts, key=lambda n: (counts[n], -n))
+
+
+@torch.no_grad()
+def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_streams: int = 20) -> dict:
+    """Teacher-forced `</compress>` precision / recall at the step tokens of the newest region of every training-style
+    context of the held-out histories, for regions with a previous region in context and for first regions; and the
+    same for the position-only rule that closes after `trained_region_length` steps."""
+    from model.ad import COMPRESS_END, COMPRESS_START
+
+    ds = HistoryDataset(history_path(cfg), cfg, split, batch_size=1, seed=0)
+    L0 = trained_region_length(cfg)
+    acc = {k: ([], []) for k in ("with_previous", "first", "baseline_with_previous", "baseline_first")}
+    for g in ds.goals:
+        streams = list(range(min(max_streams, ds.data[g]["actions"].shape[1])))
+        for k in range(len(ds.data[g]["regions"])):
+            b = ds.region_contexts(g, streams, k)
+            pred = (model(b)["logits_token_type"].argmax(-1) == COMPRESS_END).numpy()
+            tt = b["target_token_type"].numpy()
+            idx = np.arange(tt.shape[1])[None]
+            last_c = np.where(b["type_ids"].numpy() == COMPRESS_START, idx, -1).max(1, keepdims=True)
+            newest = (idx > last_c) & (tt != IGNORE)
+            true = newest & (tt == COMPRESS_END)
+            base = newest & (idx - last_c == L0)  # the L0-th step of the newest region
+            group = "with_previous" if k > 0 else "first"
+            for key, p in ((group, pred & newest), (f"baseline_{group}", base)):
+                acc[key][0].append(p.flatten())
+                acc[key][1].append(true.flatten())
+    out = {k: _pr(np.concatenate(p), np.concatenate(t)) for k, (p, t) in acc.items() if p}
+    return out | {"baseline_length": L0, "split": split, "streams_per_goal": max_streams}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="a trained run (holds ckpt.pt and config.yaml)")
@@ -51,6 +104,13 @@ def main():
     acc = last_region_accuracy(model, cfg, args.split, device)
     print(f"teacher-forced acc, last region of the {args.split} goals' histories: {np.mean(list(acc.values())):.3f}  per goal "
           + " ".join(f"{g}:{a:.2f}" for g, a in acc.items()))
+    if cfg["use_compressed_context"]:
+        r = boundary_report(model, cfg, args.split, device)
+        for group in ("with_previous", "first"):
+            m, b = r[group], r[f"baseline_{group}"]
+            print(f"teacher-forced </compress>, {group.replace('_', ' ')} region ({m['n_true']} regions): precision "
+                  f"{m['precision']:.3f} recall {m['recall']:.3f}; position-only rule (close after {r['baseline_length']} "
+                  f"steps): precision {b['precision']:.3f} recall {b['recall']:.3f}")
     if args.episodes:
         goals = task_split(cfg, args.split)
         start = time.perf_counter()

@@ -223,5 +223,15 @@ def test_evaluation_contexts_equal_training_contexts(tiny_history, monkeypatch, 
         torch.testing.assert_close(model(batch)["logits_action"][0, -1], s["la"], atol=1e-5, rtol=1e-5)
 
 
+def test_region_stats_on_constructed_closes():
+    """Region lengths per stream from its close steps; consistency = regions after the first as long as the previous."""
+    closes = [[9, 19, 29], [19, 29], []]  # stream 0: 10, 10, 10; stream 1: 20, 10; stream 2: never closed
+    forced = [[], [], [81]]  # stream 2's only region was closed by the safety rule at 82 steps
+    s = evaluate.region_stats(closes, forced)
+    assert s["region_lengths"] == [[10, 10, 10], [20, 10], [82]]
+    assert s["first_region_lengths"] == [10, 20, 82]
+    assert s["n_region_pairs"] == 3 and s["consistency"] == pytest.approx(2 / 3)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

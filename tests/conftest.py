@@ -41,3 +41,14 @@ def tiny_history(tmp_path_factory) -> dict:
     return {"traj_dir": traj_dir, "path": path, "goals": [int(g) for g in TINY_GOALS.split(",")],
             "standard": TINY_STANDARD + [f"traj_dir={traj_dir}"],
             "compressed": TINY_COMPRESSED + [f"traj_dir={traj_dir}"]}
+
+
+@pytest.fixture(scope="session")
+def adaptive_history(tmp_path_factory) -> dict:
+    """A tiny history whose PPO rollout length is drawn per goal from [10, 20] (80 steps: 8 or 4 regions). Train goals
+    0-3 (lengths 20 10 20 20), validation goal 12 (20), test goals 38 (20) and 51 (10)."""
+    traj_dir = tmp_path_factory.mktemp("adaptive")
+    over = [o for o in TINY_COLLECT if not o.startswith(("n_steps", "ppo_batch_size"))]
+    over += ["n_steps=[10, 20]", "ppo_batch_size=20", f"traj_dir={traj_dir}"]
+    run_script("collect.py", "--goals", "0,1,2,3,12,38,51", *over)
+    return {"path": traj_dir / "history_darkroom_PPO_alg-seed42.hdf5", "overrides": over}

@@ -44,3 +44,56 @@ def test_every_transition_replays_through_the_env(tiny_history):
                     assert d["rewards"][t, s] == r and d["dones"][t, s] == trunc
                     if trunc:
                         obs, _ = env.reset()
+
+
+def test_rollout_length_per_goal_marks_each_goal_on_its_own_grid(adaptive_history):
+    from common import load_config, n_steps_of
+
+    cfg = load_config("config/algorithm/ppo_darkroom.yaml", adaptive_history["overrides"])
+    lengths = {}
+    with h5py.File(adaptive_history["path"], "r") as f:
+        assert yaml.safe_load(f.attrs["collect_keys"])["n_steps"] == [10, 20]
+        for key in f:
+            n = int(f[key].attrs["n_steps"])
+            assert n == n_steps_of(cfg, int(key)) and n in (10, 20)  # drawn from (alg_seed, goal), recorded per goal
+            lengths[int(key)] = n
+            t = np.arange(80)
+            assert (f[key]["compress_start"][:] == (t % n == 0)[:, None]).all()
+            assert (f[key]["compress_end"][:] == (t % n == n - 1)[:, None]).all()
+    assert set(lengths.values()) == {10, 20}  # both lengths occur among these goals
+    assert n_steps_of(cfg, 3) == n_steps_of({**cfg}, 3)  # deterministic
+
+
+def test_adaptive_history_replays_and_samples_regions_of_each_goals_length(adaptive_history):
+    from common import load_config
+    from dataset import HistoryDataset
+    from model.ad import COMPRESS_END, COMPRESS_START, IGNORE
+
+    with h5py.File(adaptive_history["path"], "r") as f:
+        for key in f:
+            env, d = Darkroom(goal=int(key)), {k: f[key][k][:] for k in ("states", "actions", "rewards", "dones")}
+            obs, _ = env.reset()
+            for t in range(80):
+                assert (d["states"][t, 0] == obs).all()
+                obs, r, _, trunc, _ = env.step(int(d["actions"][t, 0]))
+                assert d["rewards"][t, 0] == r and d["dones"][t, 0] == trunc
+                if trunc:
+                    obs, _ = env.reset()
+        n_of = {int(k): int(f[k].attrs["n_steps"]) for k in f}
+    cfg = load_config("config/model/ad_dr_compressed.yaml", [*adaptive_history["overrides"], "compress_interval=20",
+                                                              "n_transit=44"])
+    ds = HistoryDataset(adaptive_history["path"], cfg, "train", batch_size=64, seed=0)
+    b = ds.batch(0)
+    seen = set()
+    for i in range(64):
+        types, tt = b["type_ids"][i], b["target_token_type"][i]
+        n = int(b["n_regions"][i])
+        lens = b["region_lens"][i, :n].tolist()
+        assert len(set(lens)) == 1 and lens[0] in (10, 20)  # one goal: its regions share its length
+        starts = (types == COMPRESS_START).nonzero().flatten().tolist()
+        assert len(starts) == n and (types == COMPRESS_END).sum() == n - 1
+        steps = (tt != IGNORE).nonzero().flatten()
+        assert len(steps) == n * lens[0] and (tt[steps] == COMPRESS_END).sum() == n  # one close per region, at its end
+        seen.add(lens[0])
+    assert seen == {10, 20}  # a batch mixes goals of both lengths: the close position varies between samples
+    assert {n_of[g] for g in ds.goals} == {10, 20}

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from common import load_config
-from model.ad import COMPRESS_END, IGNORE
+from model.ad import COMPRESS_END, COMPRESS_START, IGNORE
 from probe import last_region_accuracy
 
 
@@ -37,3 +37,45 @@ def test_last_region_accuracy_counts_only_the_last_region(tiny_history, mode, ri
     acc = last_region_accuracy(Scripted(mode == "compressed", cfg["n_steps"], right_on_last), cfg, "test")
     assert sorted(acc) == [38, 51]  # the held-out goals in the tiny history
     assert all(a == (1.0 if right_on_last else 0.0) for a in acc.values())
+
+
+class ScriptedCloser(torch.nn.Module):
+    """Token-type head only: closes the newest region after `fallback` steps, or, with `read_context`, after as many
+    steps as the previous region in its context had (a position counter vs a model that reads the context)."""
+
+    def __init__(self, fallback: int, read_context: bool):
+        super().__init__()
+        self.fallback, self.read_context = fallback, read_context
+
+    def forward(self, b):
+        types = b["type_ids"]
+        B, T = types.shape
+        pos = torch.arange(T)[None]
+        last_c = torch.where(types == COMPRESS_START, pos, -1).amax(1, keepdim=True)
+        first_e = torch.where(types == COMPRESS_END, pos, T).amin(1, keepdim=True)
+        has_prev = first_e < T
+        length = torch.full_like(last_c, self.fallback)
+        if self.read_context:  # ... C r_{k-1} E C r_k: the previous region lies between the two last <compress>
+            prev_c = torch.where((types == COMPRESS_START) & (pos < last_c), pos, -1).amax(1, keepdim=True)
+            length = torch.where(has_prev, last_c - prev_c - 2, length)
+        end = (pos - last_c == length) & (pos > last_c)
+        logits = torch.where(end[..., None], torch.tensor([0.0, 0.0, 9.0]), torch.tensor([9.0, 0.0, 0.0]))
+        return {"logits_token_type": logits, "logits_action": torch.zeros(B, T, 5)}
+
+
+def test_boundary_report_separates_reading_the_context_from_counting_positions(adaptive_history):
+    """On histories with rollout lengths 10 and 20 by goal, the position-only rule (close after the most common trained
+    length, 20) misses the 10-step goal's boundaries; a closer that reads the previous region's length gets them all."""
+    from probe import boundary_report, trained_region_length
+
+    cfg = load_config("config/model/ad_dr_compressed.yaml", [*adaptive_history["overrides"], "compress_interval=20",
+                                                              "n_transit=44"])
+    assert trained_region_length(cfg) == 20  # train goals: three of 20 steps (12 regions) and one of 10 (8 regions)
+    reader = boundary_report(ScriptedCloser(20, read_context=True), cfg, "test")
+    counter = boundary_report(ScriptedCloser(20, read_context=False), cfg, "test")
+    assert reader["with_previous"]["precision"] == reader["with_previous"]["recall"] == 1.0
+    # test goals 38 (20 steps: 3 regions after the first per stream) and 51 (10 steps: 7): the rule gets 3 in 10
+    assert reader["baseline_with_previous"]["recall"] == pytest.approx(0.3)
+    assert counter["with_previous"] == reader["baseline_with_previous"]  # a position counter is the baseline
+    assert counter["first"] == reader["first"] == reader["baseline_first"]  # nothing to read before the first close
+    assert reader["first"]["recall"] == pytest.approx(0.5)  # right on goal 38's first region, not on 51's
