@@ -73,9 +73,11 @@ def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_stre
     ds = HistoryDataset(history_path(cfg), cfg, split, batch_size=1, seed=0)
     L0 = trained_region_length(cfg)
     acc = {k: ([], []) for k in ("with_previous", "first", "baseline_with_previous", "baseline_first")}
+    closes = {}  # (goal, stream) -> history steps after which the head said </compress> (newest region of each context)
     for g in ds.goals:
         streams = list(range(min(max_streams, ds.data[g]["actions"].shape[1])))
-        for k in range(len(ds.data[g]["regions"])):
+        regions = ds.data[g]["regions"]
+        for k in range(len(regions)):
             b = ds.region_contexts(g, streams, k)
             pred = (model(b)["logits_token_type"].argmax(-1) == COMPRESS_END).numpy()
             tt = b["target_token_type"].numpy()
@@ -84,12 +86,41 @@ def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_stre
             newest = (idx > last_c) & (tt != IGNORE)
             true = newest & (tt == COMPRESS_END)
             base = newest & (idx - last_c == L0)  # the L0-th step of the newest region
+            for i, st in enumerate(streams):
+                closes.setdefault((g, st), []).extend(int(regions[k, 0] + j - last_c[i, 0] - 1)
+                                                      for j in np.flatnonzero(pred[i] & newest[i]))
             group = "with_previous" if k > 0 else "first"
             for key, p in ((group, pred & newest), (f"baseline_{group}", base)):
                 acc[key][0].append(p.flatten())
                 acc[key][1].append(true.flatten())
     out = {k: _pr(np.concatenate(p), np.concatenate(t)) for k, (p, t) in acc.items() if p}
-    return out | {"baseline_length": L0, "split": split, "streams_per_goal": max_streams}
+    ends = {g: (ds.data[g]["regions"][:, 1] - 1).tolist() for g in ds.goals}
+    return out | {"baseline_length": L0, "split": split, "streams_per_goal": max_streams, "closes": closes, "ends": ends}
+
+
+def plot_boundaries(report: dict, path: Path, n_streams: int = 2) -> Path:
+    """For a few held-out streams: where PPO's rollouts ended (the true </compress>) and where the model, reading the
+    history teacher-forced, said </compress>; one row per stream."""
+    from compare import pyplot
+
+    plt = pyplot()
+    keys = [key for key in sorted(report["closes"]) if key[1] < n_streams]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(10, 0.9 * len(keys) + 1), sharex=True, squeeze=False)
+    for ax, (g, st) in zip(axes[:, 0], keys, strict=True):
+        ends = report["ends"][g]
+        ax.vlines(ends, 0, 1, color="tab:gray", linewidth=2, alpha=0.6, label="PPO rollout ended")
+        ax.plot(report["closes"][g, st], [0.5] * len(report["closes"][g, st]), "v", color="tab:red", markersize=6,
+                label="model said </compress>")
+        n = ends[0] + 1
+        ax.set_yticks([])
+        ax.set_ylabel(f"goal {g}\nstream {st}\n({n} steps)", rotation=0, ha="right", va="center", fontsize=8)
+    axes[0, 0].legend(loc="upper right", fontsize=8, ncols=2)
+    axes[-1, 0].set_xlabel("step of the PPO history (teacher-forced)")
+    fig.suptitle(f"</compress> on {report['split']} histories: model vs PPO's rollout ends", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main():
@@ -97,6 +128,7 @@ def main():
     parser.add_argument("--run-dir", required=True, help="a trained run (holds ckpt.pt and config.yaml)")
     parser.add_argument("--episodes", type=int, default=0, help="also roll out N in-context episodes (default 0: no)")
     parser.add_argument("--split", choices=("val", "test"), default="val", help="held-out goals (default: val)")
+    parser.add_argument("--plot", default=None, help="compressed mode: write the </compress> vs PPO-rollout-end plot here")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"{', '.join(EVAL_KEYS)}, traj_dir")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,6 +143,8 @@ def main():
             print(f"teacher-forced </compress>, {group.replace('_', ' ')} region ({m['n_true']} regions): precision "
                   f"{m['precision']:.3f} recall {m['recall']:.3f}; position-only rule (close after {r['baseline_length']} "
                   f"steps): precision {b['precision']:.3f} recall {b['recall']:.3f}")
+        if args.plot:
+            print(f"wrote {plot_boundaries(r, Path(args.plot))}")
     if args.episodes:
         goals = task_split(cfg, args.split)
         start = time.perf_counter()

@@ -79,3 +79,16 @@ def test_boundary_report_separates_reading_the_context_from_counting_positions(a
     assert counter["with_previous"] == reader["baseline_with_previous"]  # a position counter is the baseline
     assert counter["first"] == reader["first"] == reader["baseline_first"]  # nothing to read before the first close
     assert reader["first"]["recall"] == pytest.approx(0.5)  # right on goal 38's first region, not on 51's
+    # where it closed, in history steps, and the plot of it against PPO's rollout ends
+    assert reader["ends"][38] == [19, 39, 59, 79] and reader["ends"][51] == list(range(9, 80, 10))
+    assert reader["closes"][38, 0] == [19, 39, 59, 79]  # every boundary of the 20-step goal
+    assert reader["closes"][51, 0] == list(range(19, 80, 10))  # all but the first of the 10-step goal's
+
+
+def test_boundary_plot(adaptive_history, tmp_path):
+    from probe import boundary_report, plot_boundaries
+
+    cfg = load_config("config/model/ad_dr_compressed.yaml", [*adaptive_history["overrides"], "compress_interval=20",
+                                                              "n_transit=44"])
+    png = plot_boundaries(boundary_report(ScriptedCloser(20, read_context=True), cfg, "test"), tmp_path / "b.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
