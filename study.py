@@ -34,18 +34,20 @@ import numpy as np
 
 from common import CONFIG_DIR, DEFAULT_COLLECT_CONFIG, UserError, load_config, parse_overrides, run_main
 
-ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")
+ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
+OPTIONAL_ARMS = ("compressed-adaptive",)  # trained on histories whose rollout length differs by goal (its own file)
 TRAINED = {  # arm -> (config, extra overrides as a function of the config's n_steps); compressed-fixed reuses compressed
     "standard-240": ("ad_dr.yaml", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}"]),
     "standard-160": ("ad_dr.yaml", lambda n: [f"n_transit={2 * n}", f"eval_window_shift={n}"]),
     "compressed": ("ad_dr_compressed.yaml", lambda n: []),
+    "compressed-adaptive": ("ad_dr_adaptive.yaml", lambda n: []),
 }
 CHECKPOINT_OF = {"standard-240": "standard-240", "standard-160": "standard-160", "compressed": "compressed",
-                 "compressed-fixed": "compressed"}
-EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed"}
+                 "compressed-fixed": "compressed", "compressed-adaptive": "compressed-adaptive"}
+EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model"}
 TUNE_EVAL_SEED = 1000  # validation rollouts use their own sampling seed, never one of the test evaluation seeds
 COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": "tab:green", "compressed-fixed": "tab:olive",
-          "PPO (source)": "tab:gray"}
+          "compressed-adaptive": "tab:purple", "PPO (source)": "tab:gray"}
 
 
 def say(msg: str) -> None:
@@ -53,23 +55,25 @@ def say(msg: str) -> None:
 
 
 # ---- stage 1-2: data and training ---------------------------------------------------------------------------------
-def stage_collect(overrides: list[str]) -> None:
-    """Collect every goal's history unless the file of this config exists and holds the validation and test goals
-    (training uses whichever training goals it holds; a smoke file of another config is refused)."""
+def stage_collect(overrides: list[str], arms: list[str]) -> None:
+    """For each history the arms train on: collect every goal unless the file of that config exists and holds the
+    validation and test goals (training uses whichever training goals it holds; a file of another config is refused)."""
     from common import history_path
     from env import task_split
     from example_compressed_training import history_problem, run_stage
 
-    keys = load_config(DEFAULT_COLLECT_CONFIG)
-    over = [o for o in overrides if o.split("=", 1)[0].strip() in keys]
-    cfg = load_config(DEFAULT_COLLECT_CONFIG, over)
-    path = history_path(cfg)
-    problem = history_problem(path, sorted(task_split(cfg, "val") + task_split(cfg, "test")), cfg)
-    if problem is None:
-        say(f"skip collection: {path} holds the validation and test goals")
-        return
-    say(f"history {path} {problem}: collecting all {cfg['grid_size'] ** 2} goals")
-    run_stage("collect", "collect.py", (["--force"] if path.exists() else []) + over)
+    configs = {"ad_dr_adaptive.yaml": CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive.yaml"}
+    for path_cfg in sorted({configs.get(TRAINED[CHECKPOINT_OF[a]][0], DEFAULT_COLLECT_CONFIG) for a in arms}):
+        keys = load_config(path_cfg)
+        over = [o for o in overrides if o.split("=", 1)[0].strip() in keys]
+        cfg = load_config(path_cfg, over)
+        path = history_path(cfg)
+        problem = history_problem(path, sorted(task_split(cfg, "val") + task_split(cfg, "test")), cfg)
+        if problem is None:
+            say(f"skip collection: {path} holds the validation and test goals")
+            continue
+        say(f"history {path} {problem}: collecting all {cfg['grid_size'] ** 2} goals")
+        run_stage("collect", "collect.py", ["--config", str(path_cfg), *(["--force"] if path.exists() else []), *over])
 
 
 def run_dir_of(root: Path, arm: str, seed: int) -> Path:
@@ -105,7 +109,7 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
             run_stage(name, "train.py", args)
         return
     # the longest first (standard-240 of every seed), so that the two cores stay busy to the end
-    cost = {"standard-240": 3, "standard-160": 2, "compressed": 2}
+    cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3}
     todo.sort(key=lambda job: -cost[job[0].split()[1]])
     run_concurrently({name: ("train.py", args, log) for name, args, log in todo}, max_jobs=jobs)
 
@@ -187,7 +191,7 @@ def load_returns(root: Path, arm: str, seeds: list[int], split: str, temperature
     return np.stack(per_seed), side
 
 
-def stage_tune(root: Path, cfg: dict, arms: list[str], seeds: list[int], temperatures: list[float], episodes: int,
+def stage_tune(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], temperatures: list[float], episodes: int,
                eval_overrides: list[str], jobs: int) -> dict[str, float]:
     """Each arm's eval_temperature: the best mean normalised return on the validation goals (same grid for every arm)."""
     from env import optimal_return, task_split
@@ -206,7 +210,7 @@ def stage_tune(root: Path, cfg: dict, arms: list[str], seeds: list[int], tempera
         table[arm] = scores
         say(f"tune {arm}: val normalised return " + ", ".join(f"T={t:g} {v:.3f}" for t, v in scores.items())
             + f" -> T={chosen[arm]:g}")
-    (root / "tuning.json").write_text(json.dumps({"temperatures": chosen, "val_scores": {
+    (out / "tuning.json").write_text(json.dumps({"temperatures": chosen, "val_scores": {
         a: {f"{t:g}": v for t, v in s.items()} for a, s in table.items()}, "episodes": episodes}, indent=1))
     return chosen
 
@@ -240,8 +244,8 @@ def fmt_ci(x: float, ci: list[float], f: str = "{:.3f}") -> str:
     return f"{f.format(x)} [{f.format(ci[0])}, {f.format(ci[1])}]"
 
 
-def write_report(root: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int], temps: dict[str, float],
-                 episodes: int, reps: int) -> dict:
+def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int],
+                 temps: dict[str, float], episodes: int, reps: int) -> dict:
     import study_stats as st
     from env import optimal_return, task_split
 
@@ -255,7 +259,8 @@ def write_report(root: Path, cfg: dict, arms: list[str], seeds: list[int], eval_
     scores_last = {a: st.run_scores(R, opt, last=min(100, episodes)) for a, R in returns.items()}
     agg, agg_last = st.aggregate(scores, reps=reps), st.aggregate(scores_last, reps=reps)
     pairs = [(a, b) for a, b in (("compressed", "standard-240"), ("compressed", "standard-160"),
-                                 ("compressed", "compressed-fixed"), ("standard-160", "standard-240")) if a in arms and b in arms]
+                                 ("compressed", "compressed-fixed"), ("standard-160", "standard-240"),
+                                 ("compressed-adaptive", "compressed")) if a in arms and b in arms]
     poi = st.probability_of_improvement(scores, pairs, reps=reps)
     diffs = {f"{a} vs {b}": st.paired_goal_differences(returns[a], returns[b], opt, reps=reps) for a, b in pairs}
     to90 = {a: st.episodes_to_threshold(R, opt, 0.9, window=10, reps=reps) for a, R in returns.items()}
@@ -333,7 +338,7 @@ def write_report(root: Path, cfg: dict, arms: list[str], seeds: list[int], eval_
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(root / "learning_curves.png", dpi=120)
+    fig.savefig(out / "learning_curves.png", dpi=120)
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, (name, res) in zip(axes, (("all episodes", agg), ("last 100 episodes", agg_last)), strict=True):
@@ -348,7 +353,7 @@ def write_report(root: Path, cfg: dict, arms: list[str], seeds: list[int], eval_
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(root / "aggregates.png", dpi=120)
+    fig.savefig(out / "aggregates.png", dpi=120)
     plt.close(fig)
 
     report = {"seeds": seeds, "eval_seeds": eval_seeds, "episodes": episodes, "goals": goals, "temperatures": temps,
@@ -358,8 +363,8 @@ def write_report(root: Path, cfg: dict, arms: list[str], seeds: list[int], eval_
               "first_reward": {a: {k: v for k, v in d.items() if k != "values"} for a, d in first.items()},
               "training": train, "ppo_normalised_curve": ppo_norm.tolist(),
               "compression": {a: {k: side[a][k] for k in ("n_closes", "n_forced_closes")} for a in arms if a in EVAL_PRUNE}}
-    (root / "report.json").write_text(json.dumps(report, indent=1))
-    (root / "report.md").write_text("\n".join(L))
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text("\n".join(L))
     return report
 
 
@@ -378,7 +383,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-root", default="runs/study", help="where runs/, evals/ and the report go (default: runs/study)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds (default: 0,1,2)")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"arms (default: all: {','.join(ARMS)})")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"arms (default: {','.join(ARMS)}; also: {','.join(OPTIONAL_ARMS)})")
+    parser.add_argument("--report-dir", default=None,
+                        help="where the report goes (default: --runs-root); e.g. a second report over other arms")
     parser.add_argument("--eval-seeds", default="0,1,2,3", help="evaluation seeds on the test goals (default: 0,1,2,3)")
     parser.add_argument("--temperatures", default="0.5,0.7,1.0", help="eval_temperature grid tuned per arm on validation goals")
     parser.add_argument("--tune-episodes", type=int, default=200, help="episodes of each validation rollout (default: 200)")
@@ -388,7 +396,7 @@ def main():
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training and evaluation")
     args = parser.parse_args()
     seeds = parse_list(args.seeds, int, "--seeds")
-    arms = parse_list(args.arms, str, "--arms", ARMS)
+    arms = parse_list(args.arms, str, "--arms", ARMS + OPTIONAL_ARMS)
     eval_seeds = parse_list(args.eval_seeds, int, "--eval-seeds")
     temperatures = parse_list(args.temperatures, float, "--temperatures")
     if TUNE_EVAL_SEED in eval_seeds:
@@ -405,22 +413,24 @@ def main():
     (root / "study_command.txt").write_text("python study.py " + " ".join(sys.argv[1:]) + "\n")
     start = time.perf_counter()
 
-    stage_collect(train_overrides)
+    stage_collect(train_overrides, arms)
     t_collect = time.perf_counter() - start
     stage_train(root, arms, seeds, train_overrides, args.jobs)
     t_train = time.perf_counter() - start - t_collect
     cfg = load_config(CONFIG_DIR / "model" / "ad_dr.yaml", train_overrides)
-    temps = stage_tune(root, cfg, arms, seeds, temperatures, args.tune_episodes, eval_overrides, args.jobs)
+    report_dir = Path(args.report_dir) if args.report_dir else root
+    report_dir.mkdir(parents=True, exist_ok=True)
+    temps = stage_tune(root, report_dir, cfg, arms, seeds, temperatures, args.tune_episodes, eval_overrides, args.jobs)
     specs = [eval_spec(root, a, s, "test", temps[a], e, episodes, eval_overrides)
              for a in arms for s in seeds for e in eval_seeds]
     run_evals(root, specs, args.jobs, "test evaluation")
     t_eval = time.perf_counter() - start - t_collect - t_train
-    write_report(root, cfg, arms, seeds, eval_seeds, temps, episodes, args.reps)
+    write_report(root, report_dir, cfg, arms, seeds, eval_seeds, temps, episodes, args.reps)
     total = time.perf_counter() - start
-    (root / "timing.json").write_text(json.dumps({"collect_s": t_collect, "train_s": t_train, "evaluate_s": t_eval,
+    (report_dir / "timing.json").write_text(json.dumps({"collect_s": t_collect, "train_s": t_train, "evaluate_s": t_eval,
                                                   "total_s": total}, indent=1))
-    print((root / "report.md").read_text())
-    say(f"wrote {root / 'report.md'}, report.json, learning_curves.png, aggregates.png in {total:.0f} s "
+    print((report_dir / "report.md").read_text())
+    say(f"wrote {report_dir / 'report.md'}, report.json, learning_curves.png, aggregates.png in {total:.0f} s "
         f"(collect {t_collect:.0f} s, train {t_train:.0f} s, evaluate {t_eval:.0f} s)")
 
 
