@@ -78,7 +78,7 @@ def test_study_rerun_skips_finished_work(tiny_study):
 def test_study_refuses_bad_arguments(tmp_path):
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed,everything", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: --arms: everything is not one of standard-240, standard-160, compressed, compressed-fixed"]
+        "error: --arms: everything is not one of standard-240, standard-160, compressed, compressed-fixed, compressed-adaptive"]
     assert not any(tmp_path.iterdir())  # nothing written
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--eval-seeds", "0,1000", check=False)
     assert "may not include 1000" in bad.stderr
