@@ -50,6 +50,9 @@ SCHEMA: dict[str, type] = {
     "eval_episodes": int, "eval_streams": int, "eval_temperature": float, "eval_window_shift": int,
     "eval_cache": bool, "eval_seed": int, "eval_prune": str,
 }
+# the env keys (config/env/*.yaml, and n_train_tasks / n_test_tasks where an env's file leaves them out): they choose the
+# tasks, so a collection takes them as well as a model config
+ENV_KEYS = ("env", "grid_size", "horizon", "env_split_seed", "train_env_ratio", "n_val_tasks", "n_train_tasks", "n_test_tasks")
 POSITIVE = {
     "grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps", "ppo_batch_size",
     "ppo_n_epochs", "ppo_lr", "ppo_net_arch", "n_process", "n_transit", "compress_interval",

@@ -261,7 +261,7 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
                          "normalized": float(r.mean() / opt[i]), "last100_normalized": float(r[-100:].mean() / opt[i])})
     n_total = returns.shape[-1] * H
     s = {
-        "mode": "compressed" if cfg["use_compressed_context"] else "standard",
+        "mode": "compressed" if cfg["use_compressed_context"] else "standard", "env": cfg["env"],
         "goals": [int(g) for g in goals],
         "n_goals": len(goals), "n_streams": returns.shape[1], "n_episodes": returns.shape[-1],
         "mean_return": float(returns.mean()), "ci95": float(ci),
