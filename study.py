@@ -3,7 +3,7 @@ four arms, tuned on validation goals only, reported on the test goals with rliab
 
     python study.py                                     # defaults: seeds 0,1,2; all four arms; eval seeds 0-3
     python study.py --seeds 0 --arms compressed,compressed-fixed --runs-root /tmp/study train_timesteps=500
-    python study.py --env dark_key_to_door --runs-root runs/study-kd    # another env: its configs (common.ENV_CONFIGS)
+    python study.py --env dark_key_to_door             # another env: its configs (common.ENV_CONFIGS), runs/study-<env>
 
 Arms (docs/design.md §8; named by Darkroom's sizes, the windows are in rollouts whatever the env's n_steps):
 - standard-240: standard AD, a FIFO window of 3 PPO rollouts (3 x n_steps = 240 steps), shifted by one rollout.
@@ -382,7 +382,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", choices=list(ENV_CONFIGS), default="darkroom",
                         help="the env whose collection and model configs to use (default: darkroom)")
-    parser.add_argument("--runs-root", default="runs/study", help="where runs/, evals/ and the report go (default: runs/study)")
+    parser.add_argument("--runs-root", default=None,
+                        help="where runs/, evals/ and the report go (default: runs/study, runs/study-<env> for other envs)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds (default: 0,1,2)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"arms (default: all: {','.join(ARMS)})")
     parser.add_argument("--eval-seeds", default="0,1,2,3", help="evaluation seeds on the test goals (default: 0,1,2,3)")
@@ -399,7 +400,7 @@ def main():
     temperatures = parse_list(args.temperatures, float, "--temperatures")
     if TUNE_EVAL_SEED in eval_seeds:
         raise UserError(f"--eval-seeds may not include {TUNE_EVAL_SEED}: that seed is the validation rollouts'")
-    root = Path(args.runs_root)
+    root = Path(args.runs_root or ("runs/study" if args.env == "darkroom" else f"runs/study-{args.env}"))
     given = parse_overrides(args.overrides)
     eval_keys = {"eval_streams", "eval_cache", "traj_dir"}
     train_overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() not in {"eval_episodes"}]

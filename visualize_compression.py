@@ -54,8 +54,10 @@ def shade_regions(ax, bounds: list[tuple[int, int]]) -> None:
 # ---- one stream of the history -------------------------------------------------------------------------------
 
 
-def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Path) -> Path:
+def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Path, n_tasks: int) -> Path:
     with open_history(path) as f:
+        if not 0 <= goal < n_tasks:
+            raise UserError(f"--env_idx {goal} is outside the grid's tasks: use 0..{n_tasks - 1}")
         if str(goal) not in f:
             raise UserError(f"goal {goal} is not in {path} (it holds goals {','.join(map(str, goals_in(f)))}); pick one of those")
         g = f[str(goal)]
@@ -313,7 +315,10 @@ def main():
         if args.analyze:
             png = analyze(path, cfg, out_dir)
         else:
-            png = plot_stream(path, args.env_idx, args.stream, args.max_steps or 400, out_dir)
+            from env import task_family  # imported here: env pulls in SB3, which takes seconds
+
+            n_tasks = task_family(cfg).n_tasks(cfg)
+            png = plot_stream(path, args.env_idx, args.stream, args.max_steps or 400, out_dir, n_tasks)
     print(f"wrote {png}")
 
 

@@ -138,9 +138,11 @@ assert set(REGISTRY) == set(ENV_CONFIGS), "common.ENV_CONFIGS and the registry m
 
 
 def task_family(cfg: dict) -> TaskFamily:
-    if cfg["env"] not in REGISTRY:
-        raise UserError(f"unknown env {cfg['env']!r}: use one of {', '.join(REGISTRY)} (config/env/*.yaml)")
-    return REGISTRY[cfg["env"]]
+    """The entry of the config's env (a config without an `env` key is Darkroom's, as before there were others)."""
+    name = cfg.get("env", "darkroom")
+    if name not in REGISTRY:
+        raise UserError(f"unknown env {name!r}: use one of {', '.join(REGISTRY)} (config/env/*.yaml)")
+    return REGISTRY[name]
 
 
 def task_split(cfg: dict, split: str) -> list[int]:
@@ -151,7 +153,7 @@ def task_split(cfg: dict, split: str) -> list[int]:
     tasks = dict(zip(SPLITS, task_family(cfg).splits(cfg), strict=True))[split]
     n = cfg.get(f"n_{split}_tasks", 0) if split != "val" else 0
     if n > len(tasks):
-        raise UserError(f"n_{split}_tasks={n} is more than the {len(tasks)} {split} tasks of {cfg['env']}: "
+        raise UserError(f"n_{split}_tasks={n} is more than the {len(tasks)} {split} tasks of {cfg.get('env', 'darkroom')}: "
                         f"set n_{split}_tasks<={len(tasks)} (0 = all)")
     return tasks[:n] if n else tasks
 
