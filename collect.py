@@ -1,11 +1,13 @@
-"""Train SB3 PPO on every Darkroom goal and log each stream's whole learning history to one HDF5 file.
+"""Train SB3 PPO on every task (goal) of an env and log each stream's whole learning history to one HDF5 file.
 
     python collect.py [--config config/algorithm/ppo_darkroom.yaml] [--force] [key=value ...]
+    python collect.py --config config/algorithm/ppo_dark_key_to_door.yaml --tasks 0:3000 --out shard0.hdf5  # a shard
 
-Each goal runs `n_stream` parallel streams for `total_source_timesteps` steps each, in PPO rollouts of `n_steps`
-(or, with a list such as `n_steps: [40, 80, 120]`, of a length drawn per goal from (alg_seed, goal), stored in the
-goal's attrs). A `<compress>` marker precedes the first step of every PPO rollout and a `</compress>` follows its last
-(docs/design.md §2). The file is
+The env (`env` key) decides the tasks (env/registry.py): by default every task of its train/val/test selection;
+`--goals`/`--tasks` name ids or ranges A:B of them (merge_histories.py joins shards). Each goal runs `n_stream`
+parallel streams for `total_source_timesteps` steps each, in PPO rollouts of `n_steps` (or, with a list such as
+`n_steps: [40, 80, 120]`, of a length drawn per goal from (alg_seed, goal), stored in the goal's attrs). A `<compress>`
+marker precedes the first step of every PPO rollout and a `</compress>` follows its last (docs/design.md §2). The file is
 built under `<name>.partial` and renamed when complete; a killed run resumes from the goals it finished.
 """
 
@@ -37,7 +39,7 @@ from common import (
     parse_goals,
     run_main,
 )
-from env import DarkroomVecEnv, goal_to_pos, optimal_return
+from env import selected_tasks, task_family
 from history import FIELDS, FORMAT_VERSION, collect_keys
 
 
@@ -83,7 +85,7 @@ def collect_goal(goal: int, cfg: dict) -> tuple[int, dict, float]:
     """Run PPO on one goal; returns (goal, history arrays, seconds)."""
     torch.set_num_threads(1)  # one core per goal process; parallelism comes from n_process
     start = time.perf_counter()
-    venv = DarkroomVecEnv(cfg["n_stream"], goal, cfg["grid_size"], cfg["horizon"])
+    venv = task_family(cfg).vec_env(cfg, cfg["n_stream"], goal)
     n_steps = n_steps_of(cfg, goal)
     rollout = n_steps * cfg["n_stream"]
     model = PPO(
@@ -130,7 +132,8 @@ def write_goal(f: h5py.File, goal: int, data: dict, cfg: dict) -> None:
     if str(goal) in f:
         del f[str(goal)]
     g = f.create_group(str(goal))
-    g.attrs["goal"] = goal_to_pos(goal, cfg["grid_size"])
+    for name, value in task_family(cfg).attrs(goal, cfg).items():  # e.g. the goal (row, col), or key and door
+        g.attrs[name] = value
     g.attrs["n_steps"] = n_steps_of(cfg, goal)  # this goal's PPO rollout length (one region)
     for name in FIELDS:
         arr = data[name]
@@ -186,12 +189,15 @@ def main():
     add_config_args(parser, DEFAULT_COLLECT_CONFIG)
     parser.add_argument("--force", action="store_true",
                         help="replace an existing history file (kept until the new one is complete)")
-    parser.add_argument("--goals", default=None, help="comma-separated goal indices to collect (default: all goals)")
+    parser.add_argument("--goals", "--tasks", dest="goals", default=None,
+                        help="task ids and ranges A:B (half-open: the selected tasks with ids in it) to collect, e.g. "
+                        "0,5,9 or 0:40 (default: every task of the train/val/test selection)")
     parser.add_argument("--out", default=None,
                         help="output HDF5 path (default: <traj_dir>/history_<env>_<alg>_alg-seed<seed>.hdf5)")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    goals = parse_goals(args.goals, cfg["grid_size"] ** 2, "--goals") if args.goals else list(range(cfg["grid_size"] ** 2))
+    family, selection = task_family(cfg), selected_tasks(cfg)
+    goals = parse_goals(args.goals, family.n_tasks(cfg), selection) if args.goals else selection
     out = Path(args.out) if args.out else history_path(cfg)
     if out.exists() and not args.force:
         raise UserError(f"history file {out} already exists: pass --force to replace it, or traj_dir=/alg_seed= for a new name")
@@ -214,7 +220,7 @@ def main():
             write_goal(f, goal, data, cfg)
             f.flush()
             ret = region_returns(data["rewards"], n_steps_of(cfg, goal), cfg["horizon"])
-            best = optimal_return(goal, cfg["grid_size"], cfg["horizon"])
+            best = family.optimal_return(goal, cfg)
             bar.set_postfix(goal=goal, final=f"{ret[-1]:.1f}/{best}", s=f"{secs:.1f}")
             bar.update()
         bar.close()
@@ -228,7 +234,7 @@ def main():
             ret = region_returns(f[str(g)]["rewards"][:], n_steps_of(cfg, g), cfg["horizon"])
             first.append(ret[0])
             last.append(ret[-1])
-            opt.append(optimal_return(g, cfg["grid_size"], cfg["horizon"]))
+            opt.append(family.optimal_return(g, cfg))
     finally:
         f.close()
     os.replace(partial, out)  # atomic: the final name only ever holds a complete file

@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parent
 CONFIG_DIR = ROOT / "config"
 DEFAULT_COLLECT_CONFIG = CONFIG_DIR / "algorithm" / "ppo_darkroom.yaml"
 DEFAULT_MODEL_CONFIG = CONFIG_DIR / "model" / "ad_dr.yaml"
+# env name -> its collection config and its standard / compressed model configs: the one list of env names (env/registry.py
+# holds their tasks and dynamics)
+ENV_CONFIGS = {
+    "darkroom": ("ppo_darkroom.yaml", "ad_dr.yaml", "ad_dr_compressed.yaml"),
+    "darkroom_permuted": ("ppo_darkroom_permuted.yaml", "ad_dp.yaml", "ad_dp_compressed.yaml"),
+    "dark_key_to_door": ("ppo_dark_key_to_door.yaml", "ad_kd.yaml", "ad_kd_compressed.yaml"),
+}
 
 
 class UserError(Exception):
@@ -24,6 +31,7 @@ class UserError(Exception):
 SCHEMA: dict[str, type] = {
     # env
     "env": str, "grid_size": int, "horizon": int, "env_split_seed": int, "train_env_ratio": float, "n_val_tasks": int,
+    "n_train_tasks": int, "n_test_tasks": int,
     # source algorithm / collection
     "alg": str, "alg_seed": int, "n_steps": (int, list), "n_stream": int, "total_source_timesteps": int,
     "ppo_batch_size": int, "ppo_n_epochs": int, "ppo_lr": float, "ppo_ent_coef": float,
@@ -42,6 +50,9 @@ SCHEMA: dict[str, type] = {
     "eval_episodes": int, "eval_streams": int, "eval_temperature": float, "eval_window_shift": int,
     "eval_cache": bool, "eval_seed": int, "eval_prune": str,
 }
+# the env keys (config/env/*.yaml, and n_train_tasks / n_test_tasks where an env's file leaves them out): they choose the
+# tasks, so a collection takes them as well as a model config
+ENV_KEYS = ("env", "grid_size", "horizon", "env_split_seed", "train_env_ratio", "n_val_tasks", "n_train_tasks", "n_test_tasks")
 POSITIVE = {
     "grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps", "ppo_batch_size",
     "ppo_n_epochs", "ppo_lr", "ppo_net_arch", "n_process", "n_transit", "compress_interval",
@@ -148,7 +159,9 @@ def validate(cfg: dict) -> dict:
             )
     if cfg.get("eval_prune", "model") not in PRUNE_RULES:
         raise UserError(f"eval_prune must be one of {', '.join(PRUNE_RULES)}; got {cfg['eval_prune']!r}")
-    for k in ("n_val_tasks", "val_episodes", "val_streams", "num_threads"):
+    if "env" in cfg and cfg["env"] not in ENV_CONFIGS:
+        raise UserError(f"unknown env {cfg['env']!r}: use one of {', '.join(ENV_CONFIGS)} (config/env/*.yaml)")
+    for k in ("n_val_tasks", "n_train_tasks", "n_test_tasks", "val_episodes", "val_streams", "num_threads"):
         if cfg.get(k, 0) < 0:
             raise UserError(f"config key '{k}' must be >= 0, got {cfg[k]!r}")
     if cfg.get("mixed_precision", "no") not in ("no", "fp16", "bf16"):
@@ -188,16 +201,40 @@ def load_config(path: str | os.PathLike, overrides: list[str] | dict | None = No
     return validate(cfg)
 
 
-def parse_goals(text: str, n_goals: int, flag: str = "--goals") -> list[int]:
-    """`"0,1,38"` -> sorted unique goal indices, each checked to be in 0..n_goals-1."""
-    try:
-        goals = sorted({int(g) for g in text.split(",")})
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    outside = [g for g in goals if not 0 <= g < n_goals]
-    if outside:
-        raise UserError(f"{flag} {outside[0]} is outside the task range: use 0..{n_goals - 1}")
-    return goals
+def parse_goals(text: str, n_tasks: int, selection: list[int] | None = None, flag: str = "--goals") -> list[int]:
+    """`"0,1,38"` and half-open ranges `"0:100"` -> sorted unique task ids in 0..n_tasks-1. A range keeps the tasks of
+    `selection` (the env's train/val/test selection; default: every task) whose id is in it, so ranges shard the
+    selection; a single id must be in the selection."""
+    chosen = set(range(n_tasks) if selection is None else selection)
+    tasks = set()
+    for item in text.split(","):
+        try:
+            ends = [int(x) for x in item.split(":")]
+        except ValueError:
+            raise UserError(f"{flag} must be comma-separated task ids or ranges A:B, got {text!r}") from None
+        if len(ends) > 2 or (len(ends) == 2 and not 0 <= ends[0] < ends[1] <= n_tasks):
+            raise UserError(f"{flag} range {item!r} must be A:B with 0 <= A < B <= {n_tasks}")
+        if len(ends) == 2:
+            tasks |= chosen & set(range(*ends))
+        elif not 0 <= ends[0] < n_tasks:
+            raise UserError(f"{flag} {ends[0]} is outside the task range: use 0..{n_tasks - 1}")
+        elif ends[0] not in chosen:
+            raise UserError(f"{flag} {ends[0]} is not in the train/val/test selection; raise n_train_tasks/n_test_tasks "
+                            "(0 = all) or pick a selected task")
+        else:
+            tasks.add(ends[0])
+    if not tasks:
+        raise UserError(f"{flag} {text} holds no task of the train/val/test selection; widen the range")
+    return sorted(tasks)
+
+
+def env_configs(env: str) -> dict[str, Path]:
+    """The config files of an env: {"collect": ..., "standard": ..., "compressed": ...}."""
+    if env not in ENV_CONFIGS:
+        raise UserError(f"unknown env {env!r}: use one of {', '.join(ENV_CONFIGS)}")
+    collect, standard, compressed = ENV_CONFIGS[env]
+    return {"collect": CONFIG_DIR / "algorithm" / collect, "standard": CONFIG_DIR / "model" / standard,
+            "compressed": CONFIG_DIR / "model" / compressed}
 
 
 def history_path(cfg: dict) -> Path:

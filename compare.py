@@ -111,7 +111,12 @@ def pyplot():
     return plt
 
 
-def plot_learning_curves(runs: dict, optimum_mean: float, path: Path) -> None:
+def task_label(g: dict) -> str:
+    """A per-goal entry's task description (summaries from before the env registry hold the Darkroom goal `pos`)."""
+    return g["task"] if "task" in g else "goal ({},{})".format(*g["pos"])
+
+
+def plot_learning_curves(runs: dict, optimum_mean: float, path: Path, env: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for mode, run in runs.items():
@@ -131,7 +136,7 @@ def plot_learning_curves(runs: dict, optimum_mean: float, path: Path) -> None:
     ax.set(
         xlabel="episode (in context, no weight updates)",
         ylabel=f"return (mean over {n_goals} held-out goals)",
-        title="In-context learning on held-out Darkroom goals",
+        title=f"In-context learning on held-out {env} tasks",
         ylim=(0, optimum_mean * 1.1),
     )
     ax.grid(alpha=0.3)
@@ -157,9 +162,9 @@ def plot_per_goal(per_goal: list[dict], path: Path) -> None:
         zorder=3,
         label="oracle optimum",
     )
-    ax.set_xticks(x, [f"{g['goal']}\n({g['pos'][0]},{g['pos'][1]})" for g in per_goal])
+    ax.set_xticks(x, [f"{g['goal']}\n{g['task']}" for g in per_goal], fontsize=7)
     ax.set(
-        xlabel="held-out goal: index (row, col)",
+        xlabel="held-out task: index and description",
         ylabel="mean return per episode",
         title="Held-out goals: in-context return vs the oracle",
         ylim=(0, max(g["optimum"] for g in per_goal) * 1.15),
@@ -196,7 +201,7 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
         per_goal.append(
             {
                 "goal": gs["goal"],
-                "pos": gs["pos"],
+                "task": task_label(gs),
                 "optimum": gs["optimum"],
                 "standard_mean": gs["mean"],
                 "compressed_mean": gc["mean"],
@@ -209,7 +214,8 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
             }
         )
 
-    lines = ["# Standard vs compressed-context AD on held-out Darkroom goals", ""]
+    env = std_eval.get("env", "darkroom")
+    lines = [f"# Standard vs compressed-context AD on held-out {env} tasks", ""]
     for mode, run in runs.items():
         ev = run["eval"]
         lines.append(
@@ -243,13 +249,13 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
         "Mean return over all episodes and streams, over the last 100 episodes, and that last-100 mean as a fraction "
         "of the goal's optimum.",
         "",
-        "| goal | pos | optimum | standard mean | compressed mean | standard normalised | compressed normalised "
+        "| goal | task | optimum | standard mean | compressed mean | standard normalised | compressed normalised "
         "| standard last 100 | compressed last 100 | standard last 100 / opt | compressed last 100 / opt |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for g in per_goal:
         lines.append(
-            f"| {g['goal']} | ({g['pos'][0]}, {g['pos'][1]}) | {g['optimum']:.0f} | {g['standard_mean']:.2f} | "
+            f"| {g['goal']} | {g['task']} | {g['optimum']:.0f} | {g['standard_mean']:.2f} | "
             f"{g['compressed_mean']:.2f} | {g['standard_normalized']:.3f} | {g['compressed_normalized']:.3f} | "
             f"{g['standard_last100']:.2f} | {g['compressed_last100']:.2f} | {g['standard_last100_normalized']:.3f} | "
             f"{g['compressed_last100_normalized']:.3f} |"
@@ -257,7 +263,7 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
     lines += ["", "![learning curves](learning_curves.png)", "", "![per goal](per_goal.png)", ""]
 
     optimum_mean = std_eval["optimum_mean"]
-    plot_learning_curves(runs, optimum_mean, out_dir / "learning_curves.png")
+    plot_learning_curves(runs, optimum_mean, out_dir / "learning_curves.png", env)
     plot_per_goal(per_goal, out_dir / "per_goal.png")
     report = {
         "runs": {mode: str(run["dir"]) for mode, run in runs.items()},

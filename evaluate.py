@@ -1,4 +1,4 @@
-"""In-context evaluation on held-out goals: no weight updates, the model must learn from its context.
+"""In-context evaluation on held-out goals (tasks of the config's env): no weight updates, the model must learn from its context.
 
     python evaluate.py [--run-dir DIR] [--config FILE] [--split test|val] [--force] [key=value ...]
 
@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from common import DEFAULT_MODEL_CONFIG, EVAL_KEYS, UserError, apply_overrides, default_run_dir, load_config, run_main
-from env import SPLITS, goal_to_pos, optimal_return, start_pos, step_positions, task_split
+from env import SPLITS, BatchEnv, task_family, task_split
 from model import MODEL, ADConfig, weights_digest
 from model.ad import COMPRESS_END, COMPRESS_START, PAD_PREV, STEP, encode_prev, encode_state, n_state_ids
 
@@ -137,7 +137,7 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
     compressed, n_transit, max_regions = cfg["use_compressed_context"], cfg["n_transit"], cfg["max_regions"]
     fixed_prune = compressed and cfg.get("eval_prune", "model") == "fixed"
     B = len(goals) * n_streams
-    goal_pos = np.repeat(np.array([goal_to_pos(g, G) for g in goals]), n_streams, axis=0)  # [B, 2], goal-major
+    env = BatchEnv(cfg, [g for g in goals for _ in range(n_streams)])  # goal-major: stream b plays goals[b // n_streams]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ctx = Contexts(model, B, n_transit + SLACK, G, device)
     shift = min(cfg["eval_window_shift"], n_transit)
@@ -151,7 +151,7 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
         ctx.append(None, COMPRESS_START)
 
     n_total = n_episodes * H
-    pos = np.tile(np.array(start_pos(G)), (B, 1))
+    pos = env.reset()
     prev_a = np.full(B, -1)
     prev_r = np.zeros(B, dtype=np.int64)
     ep_start = np.ones(B, dtype=np.int64)
@@ -172,13 +172,10 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
         probs = torch.softmax(logits_a.float().cpu() / temperature, -1)
         action = torch.multinomial(probs, 1, generator=gen).squeeze(1).numpy()
 
-        pos = step_positions(pos, action, G)
-        r = np.all(pos == goal_pos, axis=1).astype(np.int64)
+        pos, r, done = env.step(action)  # all streams reset together at the end of an episode
         rewards[:, t] = r
         prev_a, prev_r = action, r
-        ep_start[:] = (t + 1) % H == 0
-        if ep_start[0]:
-            pos[:] = start_pos(G)
+        ep_start[:] = done
 
         if compressed:
             region_len += 1
@@ -252,19 +249,19 @@ def prune_quality(rewards: np.ndarray, prunes: list[list[int]], window: int) -> 
 def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
     """Everything eval_summary.json reports about one in-context run (`res` from `run_in_context`)."""
     returns = res["returns"]  # [n_goals, n_streams, n_episodes]
-    G, H = cfg["grid_size"], cfg["horizon"]
+    H, family = cfg["horizon"], task_family(cfg)
     per_stream = returns.mean(-1).flatten()
     ci = 1.96 * per_stream.std(ddof=1) / np.sqrt(len(per_stream)) if len(per_stream) > 1 else float("nan")
-    opt = np.array([optimal_return(g, G, H) for g in goals], dtype=np.float64)
+    opt = np.array([family.optimal_return(g, cfg) for g in goals], dtype=np.float64)
     per_goal = []
     for i, g in enumerate(goals):
         r = returns[i].mean(0)  # mean over streams, per episode
-        per_goal.append({"goal": g, "pos": list(goal_to_pos(g, G)), "mean": float(r.mean()),
+        per_goal.append({"goal": g, "task": family.describe(g, cfg), "mean": float(r.mean()),
                          "last50": float(r[-50:].mean()), "last100": float(r[-100:].mean()), "optimum": float(opt[i]),
                          "normalized": float(r.mean() / opt[i]), "last100_normalized": float(r[-100:].mean() / opt[i])})
     n_total = returns.shape[-1] * H
     s = {
-        "mode": "compressed" if cfg["use_compressed_context"] else "standard",
+        "mode": "compressed" if cfg["use_compressed_context"] else "standard", "env": cfg["env"],
         "goals": [int(g) for g in goals],
         "n_goals": len(goals), "n_streams": returns.shape[1], "n_episodes": returns.shape[-1],
         "mean_return": float(returns.mean()), "ci95": float(ci),
@@ -285,9 +282,9 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
 
 
 def print_table(s: dict) -> None:
-    print(f"{'goal':>5} {'(row,col)':>9} {'mean':>6} {'last50':>7} {'optimum':>8} {'norm':>6}")
+    print(f"{'goal':>5} {'task':>22} {'mean':>6} {'last50':>7} {'optimum':>8} {'norm':>6}")
     for g in s["per_goal"]:
-        print(f"{g['goal']:>5} {str(tuple(g['pos'])):>9} {g['mean']:>6.2f} {g['last50']:>7.2f} "
+        print(f"{g['goal']:>5} {g['task']:>22} {g['mean']:>6.2f} {g['last50']:>7.2f} "
               f"{g['optimum']:>8.0f} {g['normalized']:>6.2f}")
     print(f"{s['mode']} AD: mean return {s['mean_return']:.2f} ± {s['ci95']:.2f} (95% CI) over {s['n_episodes']} episodes "
           f"x {s['n_goals']} goals x {s['n_streams']} streams; last 100 {s['last100_mean']:.2f}; "

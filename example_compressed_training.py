@@ -3,10 +3,12 @@ file, evaluate both in context on the held-out goals, and write the comparison r
 
     python example_compressed_training.py --mode all                      # defaults (a long CPU run)
     python example_compressed_training.py --mode all train_timesteps=2000 compressed.lr=3e-4 --runs-root /tmp/runs
+    python example_compressed_training.py --env dark_key_to_door --runs-root runs/kd     # another env (its own configs)
 
 Each stage runs collect.py / train.py / evaluate.py as a subprocess, so their progress bars show. Interrupt
 at any time and re-run the same command: finished stages are skipped.
-- collect: skipped when the history file opens and holds every goal asked for (all, or --goals);
+- `--env NAME` picks the env's collection config and both model configs (common.ENV_CONFIGS; default darkroom).
+- collect: skipped when the history file opens and holds every goal asked for (the env's selection, or --goals);
   an unreadable or incomplete file is collected again (collect.py --force keeps it until the new one is done).
 - train: skipped when the run reached train_timesteps (train_summary.json, or ckpt.pt's step); otherwise
   train.py is called and resumes from ckpt.pt by itself. With >= 2 cores the two modes train at once, one thread
@@ -32,13 +34,14 @@ from pathlib import Path
 import yaml
 
 from common import (
-    CONFIG_DIR,
-    DEFAULT_COLLECT_CONFIG,
+    ENV_CONFIGS,
+    ENV_KEYS,
     EVAL_KEYS,
     ROOT,
     SCHEMA,
     UserError,
     default_run_dir,
+    env_configs,
     history_path,
     load_config,
     parse_goals,
@@ -47,7 +50,7 @@ from common import (
 )
 from history import check_history, complete_goals, open_history
 
-MODEL_CONFIGS = {"standard": CONFIG_DIR / "model" / "ad_dr.yaml", "compressed": CONFIG_DIR / "model" / "ad_dr_compressed.yaml"}
+MODES = ("standard", "compressed")
 STAGES = {
     "collect": ["collect"],
     "train": ["train"],
@@ -60,16 +63,20 @@ STAGES = {
 class Plan:
     """Everything the stages share, resolved once from the command line."""
 
-    def __init__(self, overrides: list[str], goals: str | None, runs_root: Path, models: bool = True):
+    def __init__(self, overrides: list[str], goals: str | None, runs_root: Path, models: bool = True,
+                 env: str = "darkroom"):
+        from env import selected_tasks, task_family  # imported here: env pulls in SB3, which takes seconds
+
         shared, per_mode = split_overrides(overrides)
-        collect_keys = set(load_config(DEFAULT_COLLECT_CONFIG))
+        self.configs = env_configs(env)
+        collect_keys = set(load_config(self.configs["collect"])) | set(ENV_KEYS)
         self.collect_overrides = [o for o in shared if o.split("=", 1)[0].strip() in collect_keys]
-        self.collect_cfg = load_config(DEFAULT_COLLECT_CONFIG, self.collect_overrides)
-        self.overrides = {m: shared + per_mode[m] for m in MODEL_CONFIGS}  # strings, passed on as given
+        self.collect_cfg = load_config(self.configs["collect"], self.collect_overrides)
+        self.overrides = {m: shared + per_mode[m] for m in MODES}  # strings, passed on as given
         # collection alone needs no model config (and must not fail on, say, n_steps=20 without compress_interval=20)
-        self.cfgs = {m: load_config(path, self.overrides[m]) for m, path in MODEL_CONFIGS.items()} if models else {}
+        self.cfgs = {m: load_config(self.configs[m], self.overrides[m]) for m in MODES} if models else {}
         for k in sorted(collect_keys):  # both modes must read the very file collect writes
-            values = {self.collect_cfg[k], *(cfg[k] for cfg in self.cfgs.values())}
+            values = {self.collect_cfg.get(k), *(cfg.get(k) for cfg in self.cfgs.values())}
             if len(values) > 1:
                 raise UserError(
                     f"standard and compressed must train on the same history: '{k}' differs between them; "
@@ -77,8 +84,9 @@ class Plan:
                 )
         self.history = history_path(self.collect_cfg)
         self.goals_arg = goals
-        n_goals = self.collect_cfg["grid_size"] ** 2
-        self.goals = parse_goals(goals, n_goals) if goals else list(range(n_goals))
+        selection = selected_tasks(self.collect_cfg)
+        n_tasks = task_family(self.collect_cfg).n_tasks(self.collect_cfg)
+        self.goals = parse_goals(goals, n_tasks, selection) if goals else selection
         self.runs_root = runs_root
         self.run_dirs = {m: runs_root / default_run_dir(cfg).name for m, cfg in self.cfgs.items()}
         if models and self.run_dirs["standard"] == self.run_dirs["compressed"]:
@@ -90,14 +98,14 @@ class Plan:
 
 def split_overrides(items: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """`key=value` for every mode, `standard.key=value` / `compressed.key=value` for one."""
-    shared, per_mode = [], {m: [] for m in MODEL_CONFIGS}
+    shared, per_mode = [], {m: [] for m in MODES}
     for item in items:
         key = item.split("=", 1)[0]
         prefix, _, rest = key.partition(".")
         if rest and prefix in per_mode:
             per_mode[prefix].append(item[len(prefix) + 1 :])
         elif rest:
-            raise UserError(f"bad override '{item}': a mode prefix must be {' or '.join(MODEL_CONFIGS)}, e.g. compressed.lr=3e-4")
+            raise UserError(f"bad override '{item}': a mode prefix must be {' or '.join(MODES)}, e.g. compressed.lr=3e-4")
         else:
             shared.append(item)
     for key in parse_overrides(shared) | parse_overrides([o for items in per_mode.values() for o in items]):
@@ -144,7 +152,8 @@ def stage_collect(plan: Plan) -> None:
     if problem is None:
         say("collect", f"skip: {plan.history} is complete ({len(plan.goals)} goals)")
         return
-    args = (["--goals", plan.goals_arg] if plan.goals_arg else []) + plan.collect_overrides
+    args = ["--config", str(plan.configs["collect"]), *(["--goals", plan.goals_arg] if plan.goals_arg else []),
+            *plan.collect_overrides]
     if plan.history.exists():
         say("collect", f"{plan.history} {problem}: collecting again (the old file stays until the new one is complete)")
         args = ["--force", *args]
@@ -198,7 +207,7 @@ def train_todo(plan: Plan) -> list[tuple[str, list[str]]]:
             say(stage, f"resuming {run_dir} from its checkpoint ({steps} of {cfg['train_timesteps']} steps)")
         else:
             say(stage, f"training {mode} AD from scratch in {run_dir} ({cfg['train_timesteps']} steps)")
-        todo.append((mode, ["--config", str(MODEL_CONFIGS[mode]), "--run-dir", str(run_dir), *plan.overrides[mode]]))
+        todo.append((mode, ["--config", str(plan.configs[mode]), "--run-dir", str(run_dir), *plan.overrides[mode]]))
     return todo
 
 
@@ -302,11 +311,14 @@ def main():
         help="collect: PPO histories; train: both models; evaluate: both models in context; "
         "compare: the report; all: the four in order (default)",
     )
+    parser.add_argument("--env", choices=list(ENV_CONFIGS), default="darkroom",
+                        help="the env: its collection config and both model configs (default: darkroom)")
     parser.add_argument("--runs-root", default="runs", help="where the two run dirs and compare/ go (default: runs)")
     parser.add_argument(
         "--goals",
         default=None,
-        help="comma-separated goals to collect (default: all); the history counts as complete when it holds these",
+        help="task ids / ranges A:B to collect (default: the env's train/val/test selection); the history counts as "
+        "complete when it holds these",
     )
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="goals to evaluate on: test (default: the held-out goals results are reported on) or val")
@@ -320,7 +332,7 @@ def main():
         help="config override for every stage, or for one mode with a standard./compressed. prefix",
     )
     args = parser.parse_intermixed_args()  # options may come after the key=value overrides
-    plan = Plan(args.overrides, args.goals, Path(args.runs_root), models=args.mode != "collect")
+    plan = Plan(args.overrides, args.goals, Path(args.runs_root), models=args.mode != "collect", env=args.env)
     plan.split = args.split
     plan.parallel = not args.sequential and (os.cpu_count() or 1) >= 2
     stages = {"collect": stage_collect, "train": stage_train, "evaluate": stage_evaluate, "compare": stage_compare}

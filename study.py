@@ -3,8 +3,9 @@ four arms, tuned on validation goals only, reported on the test goals with rliab
 
     python study.py                                     # defaults: seeds 0,1,2; all four arms; eval seeds 0-3
     python study.py --seeds 0 --arms compressed,compressed-fixed --runs-root /tmp/study train_timesteps=500
+    python study.py --env dark_key_to_door             # another env: its configs (common.ENV_CONFIGS), runs/study-<env>
 
-Arms (docs/design.md §8):
+Arms (docs/design.md §8; named by Darkroom's sizes, the windows are in rollouts whatever the env's n_steps):
 - standard-240: standard AD, a FIFO window of 3 PPO rollouts (3 x n_steps = 240 steps), shifted by one rollout.
 - standard-160: standard AD with a window of 2 rollouts (160 steps): the context budget of compressed mode.
 - compressed: compressed AD, the model's `</compress>` closes a region and prunes the oldest (max_regions = 2).
@@ -32,19 +33,22 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CONFIG_DIR, DEFAULT_COLLECT_CONFIG, UserError, load_config, parse_overrides, run_main
+from common import CONFIG_DIR, ENV_CONFIGS, ENV_KEYS, UserError, env_configs, load_config, parse_overrides, run_main
 
 ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
-OPTIONAL_ARMS = ("compressed-adaptive",)  # trained on histories whose rollout length differs by goal (its own file)
-TRAINED = {  # arm -> (config, extra overrides as a function of the config's n_steps); compressed-fixed reuses compressed
-    "standard-240": ("ad_dr.yaml", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}"]),
-    "standard-160": ("ad_dr.yaml", lambda n: [f"n_transit={2 * n}", f"eval_window_shift={n}"]),
-    "compressed": ("ad_dr_compressed.yaml", lambda n: []),
-    "compressed-adaptive": ("ad_dr_adaptive.yaml", lambda n: []),
+OPTIONAL_ARMS = ("compressed-adaptive",)  # Darkroom histories whose rollout length differs by goal (its own file)
+TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive, extra overrides from its n_steps);
+    # compressed-fixed reuses compressed
+    "standard-240": ("standard", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}"]),
+    "standard-160": ("standard", lambda n: [f"n_transit={2 * n}", f"eval_window_shift={n}"]),
+    "compressed": ("compressed", lambda n: []),
+    "compressed-adaptive": ("adaptive", lambda n: []),
 }
 CHECKPOINT_OF = {"standard-240": "standard-240", "standard-160": "standard-160", "compressed": "compressed",
                  "compressed-fixed": "compressed", "compressed-adaptive": "compressed-adaptive"}
 EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model"}
+ADAPTIVE = {"collect": CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive.yaml",
+            "model": CONFIG_DIR / "model" / "ad_dr_adaptive.yaml"}
 TUNE_EVAL_SEED = 1000  # validation rollouts use their own sampling seed, never one of the test evaluation seeds
 COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": "tab:green", "compressed-fixed": "tab:olive",
           "compressed-adaptive": "tab:purple", "PPO (source)": "tab:gray"}
@@ -55,35 +59,45 @@ def say(msg: str) -> None:
 
 
 # ---- stage 1-2: data and training ---------------------------------------------------------------------------------
-def stage_collect(overrides: list[str], arms: list[str]) -> None:
-    """For each history the arms train on: collect every goal unless the file of that config exists and holds the
-    validation and test goals (training uses whichever training goals it holds; a file of another config is refused)."""
+def arm_configs(env: str, arm: str) -> tuple[Path, Path]:
+    """(collection config, model config) an arm trains with."""
+    mode = TRAINED[CHECKPOINT_OF[arm]][0]
+    if mode == "adaptive":
+        if env != "darkroom":
+            raise UserError(f"arm {arm} exists for darkroom only (config/model/ad_dr_adaptive.yaml); drop it from --arms")
+        return ADAPTIVE["collect"], ADAPTIVE["model"]
+    return env_configs(env)["collect"], env_configs(env)[mode]
+
+
+def stage_collect(overrides: list[str], env: str, arms: list[str]) -> None:
+    """For each history the arms train on: collect every task unless the file of that config exists and holds the
+    validation and test tasks (training uses whichever training tasks it holds; a file of another config is refused)."""
     from common import history_path
-    from env import task_split
+    from env import selected_tasks, task_split
     from example_compressed_training import history_problem, run_stage
 
-    configs = {"ad_dr_adaptive.yaml": CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive.yaml"}
-    for path_cfg in sorted({configs.get(TRAINED[CHECKPOINT_OF[a]][0], DEFAULT_COLLECT_CONFIG) for a in arms}):
-        keys = load_config(path_cfg)
+    for config in sorted({arm_configs(env, a)[0] for a in arms}):
+        keys = set(load_config(config)) | set(ENV_KEYS)
         over = [o for o in overrides if o.split("=", 1)[0].strip() in keys]
-        cfg = load_config(path_cfg, over)
+        cfg = load_config(config, over)
         path = history_path(cfg)
         problem = history_problem(path, sorted(task_split(cfg, "val") + task_split(cfg, "test")), cfg)
         if problem is None:
             say(f"skip collection: {path} holds the validation and test goals")
             continue
-        say(f"history {path} {problem}: collecting all {cfg['grid_size'] ** 2} goals")
-        run_stage("collect", "collect.py", ["--config", str(path_cfg), *(["--force"] if path.exists() else []), *over])
+        say(f"history {path} {problem}: collecting all {len(selected_tasks(cfg))} goals")
+        run_stage("collect", "collect.py", ["--config", str(config), *(["--force"] if path.exists() else []), *over])
 
 
 def run_dir_of(root: Path, arm: str, seed: int) -> Path:
     return root / "runs" / f"{CHECKPOINT_OF[arm]}-seed{seed}"
 
 
-def train_args(arm: str, seed: int, root: Path, overrides: list[str]) -> list[str]:
-    config, extra = TRAINED[arm]
-    cfg = load_config(CONFIG_DIR / "model" / config, overrides)
-    return ["--config", str(CONFIG_DIR / "model" / config), "--run-dir", str(run_dir_of(root, arm, seed)),
+def train_args(arm: str, seed: int, root: Path, overrides: list[str], env: str) -> list[str]:
+    _, extra = TRAINED[arm]
+    config = arm_configs(env, arm)[1]
+    cfg = load_config(config, overrides)
+    return ["--config", str(config), "--run-dir", str(run_dir_of(root, arm, seed)),
             *overrides, *extra(cfg["n_steps"]), f"seed={seed}"]
 
 
@@ -92,10 +106,10 @@ def finished(run_dir: Path, steps: int) -> bool:
     return summary.is_file() and json.loads(summary.read_text())["steps"] >= steps
 
 
-def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[str], jobs: int) -> None:
+def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[str], jobs: int, env: str) -> None:
     from example_compressed_training import run_concurrently, run_stage
 
-    steps = load_config(CONFIG_DIR / "model" / "ad_dr.yaml", overrides)["train_timesteps"]
+    steps = load_config(env_configs(env)["standard"], overrides)["train_timesteps"]
     todo = []
     for seed in seeds:
         for arm in sorted({CHECKPOINT_OF[a] for a in arms}, key=list(TRAINED).index):
@@ -103,7 +117,7 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
             if finished(run_dir, steps):
                 say(f"skip training {arm} seed {seed}: {run_dir} is finished")
             else:
-                todo.append((f"train {arm} seed {seed}", train_args(arm, seed, root, overrides), run_dir / "train.log"))
+                todo.append((f"train {arm} seed {seed}", train_args(arm, seed, root, overrides, env), run_dir / "train.log"))
     if jobs == 1:
         for name, args, _ in todo:
             run_stage(name, "train.py", args)
@@ -194,12 +208,12 @@ def load_returns(root: Path, arm: str, seeds: list[int], split: str, temperature
 def stage_tune(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], temperatures: list[float], episodes: int,
                eval_overrides: list[str], jobs: int) -> dict[str, float]:
     """Each arm's eval_temperature: the best mean normalised return on the validation goals (same grid for every arm)."""
-    from env import optimal_return, task_split
+    from env import task_family, task_split
 
     specs = [eval_spec(root, arm, s, "val", t, TUNE_EVAL_SEED, episodes, eval_overrides)
              for arm in arms for s in seeds for t in temperatures]
     run_evals(root, specs, jobs, "tune on the validation goals")
-    opt = np.array([optimal_return(g, cfg["grid_size"], cfg["horizon"]) for g in task_split(cfg, "val")], dtype=np.float64)
+    opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in task_split(cfg, "val")], dtype=np.float64)
     chosen, table = {}, {}
     for arm in arms:
         scores = {}
@@ -247,10 +261,10 @@ def fmt_ci(x: float, ci: list[float], f: str = "{:.3f}") -> str:
 def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int],
                  temps: dict[str, float], episodes: int, reps: int) -> dict:
     import study_stats as st
-    from env import optimal_return, task_split
+    from env import task_family, task_split
 
     goals = task_split(cfg, "test")
-    opt = np.array([optimal_return(g, cfg["grid_size"], cfg["horizon"]) for g in goals], dtype=np.float64)
+    opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in goals], dtype=np.float64)
     returns, side = {}, {}
     for arm in arms:
         returns[arm], side[arm] = load_returns(root, arm, seeds, "test", temps[arm], eval_seeds, episodes)
@@ -381,7 +395,10 @@ def parse_list(text: str, kind, flag: str, allowed=None) -> list:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-root", default="runs/study", help="where runs/, evals/ and the report go (default: runs/study)")
+    parser.add_argument("--env", choices=list(ENV_CONFIGS), default="darkroom",
+                        help="the env whose collection and model configs to use (default: darkroom)")
+    parser.add_argument("--runs-root", default=None,
+                        help="where runs/, evals/ and the report go (default: runs/study, runs/study-<env> for other envs)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds (default: 0,1,2)")
     parser.add_argument("--arms", default=",".join(ARMS),
                         help=f"arms (default: {','.join(ARMS)}; also: {','.join(OPTIONAL_ARMS)})")
@@ -401,23 +418,24 @@ def main():
     temperatures = parse_list(args.temperatures, float, "--temperatures")
     if TUNE_EVAL_SEED in eval_seeds:
         raise UserError(f"--eval-seeds may not include {TUNE_EVAL_SEED}: that seed is the validation rollouts'")
-    root = Path(args.runs_root)
+    root = Path(args.runs_root or ("runs/study" if args.env == "darkroom" else f"runs/study-{args.env}"))
     given = parse_overrides(args.overrides)
     eval_keys = {"eval_streams", "eval_cache", "traj_dir"}
     train_overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() not in {"eval_episodes"}]
     eval_overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() in eval_keys - {"traj_dir"}]
-    episodes = int(given.get("eval_episodes", load_config(CONFIG_DIR / "model" / "ad_dr.yaml")["eval_episodes"]))
+    configs = env_configs(args.env)
+    episodes = int(given.get("eval_episodes", load_config(configs["standard"])["eval_episodes"]))
     for a in arms:  # every config must load before anything runs
-        load_config(CONFIG_DIR / "model" / TRAINED[CHECKPOINT_OF[a]][0], train_overrides)
+        load_config(arm_configs(args.env, a)[1], train_overrides)
     root.mkdir(parents=True, exist_ok=True)
     (root / "study_command.txt").write_text("python study.py " + " ".join(sys.argv[1:]) + "\n")
     start = time.perf_counter()
 
-    stage_collect(train_overrides, arms)
+    stage_collect(train_overrides, args.env, arms)
     t_collect = time.perf_counter() - start
-    stage_train(root, arms, seeds, train_overrides, args.jobs)
+    stage_train(root, arms, seeds, train_overrides, args.jobs, args.env)
     t_train = time.perf_counter() - start - t_collect
-    cfg = load_config(CONFIG_DIR / "model" / "ad_dr.yaml", train_overrides)
+    cfg = load_config(configs["standard"], train_overrides)
     report_dir = Path(args.report_dir) if args.report_dir else root
     report_dir.mkdir(parents=True, exist_ok=True)
     temps = stage_tune(root, report_dir, cfg, arms, seeds, temperatures, args.tune_episodes, eval_overrides, args.jobs)

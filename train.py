@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from common import DEFAULT_MODEL_CONFIG, UserError, add_config_args, default_run_dir, history_path, load_config, run_main
 from dataset import HistoryDataset
-from env import optimal_return, task_split
+from env import task_family, task_split
 from model import MODEL, ADConfig, weights_digest
 
 CKPT = "ckpt.pt"
@@ -193,7 +193,7 @@ def val_return(model, cfg: dict) -> dict:
                          device=next(model.parameters()).device)
     model.train()
     R = res["returns"]  # [goal, stream, episode]
-    opt = np.array([optimal_return(g, cfg["grid_size"], cfg["horizon"]) for g in goals], dtype=np.float64)
+    opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in goals], dtype=np.float64)
     last = max(1, cfg["val_episodes"] // 5)
     return {"return": float(R.mean()), "return_last": float(R[..., -last:].mean()),
             "return_normalized": float((R.mean((1, 2)) / opt).mean())}

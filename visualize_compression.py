@@ -1,4 +1,4 @@
-"""Pictures of the compression regions: in one PPO history stream, across all goals, and as a trained model chose them.
+"""Pictures of the compression regions: in one PPO history stream, across all goals (tasks), and as a model chose them.
 
     python visualize_compression.py --env_idx 38 --max_steps 400 [--stream 0]   # one stream of the history file
     python visualize_compression.py --analyze                                    # every goal: regions and return
@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from common import DEFAULT_COLLECT_CONFIG, UserError, add_config_args, history_path, load_config, run_main
-from compare import pyplot
+from compare import pyplot, task_label
 from history import open_history
 
 ACTION_NAMES = ("row+1", "row-1", "col+1", "col-1", "stay")  # docs/design.md §1
@@ -54,11 +54,10 @@ def shade_regions(ax, bounds: list[tuple[int, int]]) -> None:
 # ---- one stream of the history -------------------------------------------------------------------------------
 
 
-def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Path) -> Path:
+def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Path, n_tasks: int) -> Path:
     with open_history(path) as f:
-        n_goals = int(f.attrs["grid_size"]) ** 2
-        if not 0 <= goal < n_goals:
-            raise UserError(f"--env_idx {goal} is outside the grid: use 0..{n_goals - 1}")
+        if not 0 <= goal < n_tasks:
+            raise UserError(f"--env_idx {goal} is outside the grid's tasks: use 0..{n_tasks - 1}")
         if str(goal) not in f:
             raise UserError(f"goal {goal} is not in {path} (it holds goals {','.join(map(str, goals_in(f)))}); pick one of those")
         g = f[str(goal)]
@@ -69,7 +68,9 @@ def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Pat
             raise UserError(f"--max_steps must be > 0, got {max_steps}")
         n = min(max_steps, T)
         d = {k: g[k][:n, stream] for k in ("states", "actions", "rewards", "dones", "compress_start", "compress_end")}
-        goal_pos, horizon, n_steps = tuple(int(x) for x in g.attrs["goal"]), int(f.attrs["horizon"]), int(g.attrs["n_steps"])
+        # where the task's hidden cells are (collect.py's group attrs): the goal, or the key and the door
+        marks = {k: tuple(int(x) for x in g.attrs[k]) for k in ("goal", "key", "door") if k in g.attrs}
+        horizon, n_steps = int(f.attrs["horizon"]), int(g.attrs["n_steps"])
     if max_steps > T:
         print(f"note: the stream has {T} steps; plotting all of them")
     bounds = regions(d["compress_start"], d["compress_end"])
@@ -93,7 +94,8 @@ def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Pat
 
     for ax, col, name in ((ax_row, 0, "row"), (ax_col, 1, "col")):
         ax.step(t, d["states"][:, col], where="mid", color="tab:blue", linewidth=1, label=f"agent {name}")
-        ax.axhline(goal_pos[col], color="black", linestyle="--", linewidth=1, label=f"goal {name}")
+        for (mark, cell), style in zip(marks.items(), ("--", ":"), strict=False):
+            ax.axhline(cell[col], color="black", linestyle=style, linewidth=1, label=f"{mark} {name}")
         ax.set(ylabel=name, ylim=(-0.5, 8.5), yticks=range(0, 9, 2))
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     ax_act.scatter(t, d["actions"], s=6, color="tab:purple")
@@ -108,7 +110,8 @@ def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Pat
     per_ep = [d["rewards"][a:b].sum() * horizon / (b - a) for a, b in bounds]
     trend = f"; return per episode {per_ep[0]:.1f} in the first region, {per_ep[-1]:.1f} in the last shown" if per_ep else ""
     mk.set_title(
-        f"goal {goal} {goal_pos}, stream {stream}: steps 0-{n - 1}, {len(bounds)} regions "
+        f"goal {goal} ({', '.join(f'{k} {v}' for k, v in marks.items())}), stream {stream}: steps 0-{n - 1}, "
+        f"{len(bounds)} regions "
         f"(PPO rollouts of {n_steps} steps, shaded){trend}",
         fontsize=10,
     )
@@ -123,10 +126,11 @@ def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Pat
 
 
 def analyze(path: Path, cfg: dict, out_dir: Path) -> Path:
-    from env import optimal_return, task_split  # imported here: env pulls in SB3, which takes seconds
+    from env import task_family, task_split  # imported here: env pulls in SB3, which takes seconds
 
     with open_history(path) as f:
-        grid, horizon = int(f.attrs["grid_size"]), int(f.attrs["horizon"])
+        horizon, family = int(f.attrs["horizon"]), task_family(cfg)
+        file_cfg = {**cfg, "grid_size": int(f.attrs["grid_size"]), "horizon": horizon}
         split_of = {g: name for name in ("train", "val", "test") for g in task_split(cfg, name)}
         rows, returns = [], {}  # returns[goal] = per-region return per episode, mean over streams
         for goal in goals_in(f):
@@ -142,9 +146,9 @@ def analyze(path: Path, cfg: dict, out_dir: Path) -> Path:
             rows.append(
                 {
                     "goal": goal,
-                    "pos": tuple(int(x) for x in g.attrs["goal"]),
-                    "split": split_of[goal],
-                    "optimum": optimal_return(goal, grid, horizon),
+                    "task": family.describe(goal, file_cfg),
+                    "split": split_of.get(goal, "-"),  # "-": outside the config's train/val/test selection
+                    "optimum": family.optimal_return(goal, file_cfg),
                     "n_regions": len(bounds),
                     "lengths": lengths,
                     "same_in_all_streams": same,
@@ -158,14 +162,14 @@ def analyze(path: Path, cfg: dict, out_dir: Path) -> Path:
         raise UserError(f"{path} holds no goals; re-run collect.py")
 
     print(
-        f"{'goal':>4} {'pos':>6} {'split':>5} {'opt':>4} {'regions':>7} {'length':>8} {'reward/region':>15} "
+        f"{'goal':>4} {'task':>22} {'split':>5} {'opt':>4} {'regions':>7} {'length':>8} {'reward/region':>15} "
         f"{'return/episode':>15} {'last/opt':>8}"
     )
     for r in rows:
         lens = f"{min(r['lengths'])}-{max(r['lengths'])}" if min(r["lengths"]) != max(r["lengths"]) else str(r["lengths"][0])
         note = "" if r["same_in_all_streams"] else "  (markers differ between streams: stream 0 shown)"
         print(
-            f"{r['goal']:>4} {str(r['pos']).replace(' ', ''):>6} {r['split']:>5} {r['optimum']:>4} {r['n_regions']:>7} {lens:>8} "
+            f"{r['goal']:>4} {r['task']:>22} {r['split']:>5} {r['optimum']:>4} {r['n_regions']:>7} {lens:>8} "
             f"{r['reward_first']:>6.1f} -> {r['reward_last']:<6.1f} {r['return_first']:>6.2f} -> {r['return_last']:<6.2f} "
             f"{r['return_last'] / r['optimum']:>8.2f}{note}"
         )
@@ -252,7 +256,7 @@ def plot_run_closes(run_dir: Path, max_steps: int | None, out_dir: Path) -> Path
     ax.plot([], [], color=END_COLOR, alpha=0.35, label=f"true </compress> (every {interval} steps)")
     n_streams = s["n_streams"]
     ticks = [i * n_streams + (n_streams - 1) / 2 for i in range(len(s["per_goal"]))]
-    ax.set_yticks(ticks, [f"{g['goal']} ({g['pos'][0]},{g['pos'][1]})" for g in s["per_goal"]])
+    ax.set_yticks(ticks, [f"{g['goal']} {task_label(g)}" for g in s["per_goal"]])
     for i in range(1, len(s["per_goal"])):
         ax.axhline(i * n_streams - 0.5, color="grey", linewidth=0.4)
     ax.set(
@@ -281,7 +285,7 @@ def plot_run_closes(run_dir: Path, max_steps: int | None, out_dir: Path) -> Path
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, DEFAULT_COLLECT_CONFIG)
-    parser.add_argument("--env_idx", type=int, default=0, help="goal index (0..80) whose history stream to plot (default: 0)")
+    parser.add_argument("--env_idx", type=int, default=0, help="goal (task) index whose history stream to plot (default: 0)")
     parser.add_argument("--stream", type=int, default=0, help="which parallel PPO stream of that goal (default: 0)")
     parser.add_argument(
         "--max_steps",
@@ -311,7 +315,10 @@ def main():
         if args.analyze:
             png = analyze(path, cfg, out_dir)
         else:
-            png = plot_stream(path, args.env_idx, args.stream, args.max_steps or 400, out_dir)
+            from env import task_family  # imported here: env pulls in SB3, which takes seconds
+
+            n_tasks = task_family(cfg).n_tasks(cfg)
+            png = plot_stream(path, args.env_idx, args.stream, args.max_steps or 400, out_dir, n_tasks)
     print(f"wrote {png}")
 
 

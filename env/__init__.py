@@ -9,28 +9,21 @@ from env.darkroom import (
     start_pos,
     step_positions,
 )
-
-SPLITS = ("train", "val", "test")
-
-
-def task_split(cfg: dict, split: str) -> list[int]:
-    """The goals of one split ("train", "val" or "test") for a config (docs/design.md §1)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    parts = split_goals(cfg["grid_size"], cfg["env_split_seed"], cfg["train_env_ratio"], cfg.get("n_val_tasks", 8))
-    return dict(zip(SPLITS, parts, strict=True))[split]
-
+from env.registry import SPLITS, BatchEnv, selected_tasks, task_family, task_split
 
 __all__ = [
     "MOVES",
     "N_ACTIONS",
     "SPLITS",
+    "BatchEnv",
     "Darkroom",
     "DarkroomVecEnv",
     "goal_to_pos",
     "optimal_return",
+    "selected_tasks",
     "split_goals",
     "start_pos",
     "step_positions",
+    "task_family",
     "task_split",
 ]

@@ -77,7 +77,7 @@ def test_mode_all_trains_evaluates_and_reports(workflow):
     assert "| metric | standard | compressed |" in md
     for _, label, *_ in ROWS:
         assert f"| {label} |" in md
-    assert ("| goal | pos | optimum | standard mean | compressed mean | standard normalised | compressed normalised "
+    assert ("| goal | task | optimum | standard mean | compressed mean | standard normalised | compressed normalised "
             "| standard last 100 | compressed last 100 | standard last 100 / opt | compressed last 100 / opt |") in md
 
     # report.json holds the runs' own numbers, nothing made up
