@@ -260,14 +260,26 @@ class Logger:
             self.writer.close()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, DEFAULT_MODEL_CONFIG)
-    parser.add_argument("--run-dir", default=None, help="output directory (default: runs/<run_name>-seed<seed>)")
-    parser.add_argument("--force", action="store_true", help="start over in a run dir that already holds a run")
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+def announce(cfg: dict, run_dir: Path, model, accelerator: Accelerator, log, ckpt, restart: bool, start_step: int,
+             horizon: int, hist: Path) -> None:
+    """The main process's first lines: what is trained where, and the hyper-parameters in TensorBoard."""
+    if restart:
+        print(f"no checkpoint in {run_dir} yet (stopped before the first one): starting again from step 0")
+    if not ckpt:
+        table = "\n".join(f"| {k} | {v} |" for k, v in cfg.items())
+        log.writer.add_text("hparams", "| key | value |\n|---|---|\n" + table, 0)
+    if horizon != cfg["train_timesteps"]:
+        print(f"note: the LR schedule keeps the horizon of {horizon} steps this run started with; "
+              f"steps past it run at 0.1 x lr")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{'resuming' if ckpt else 'training'} {cfg['model']} "
+          f"({'compressed' if cfg['use_compressed_context'] else 'standard'}, {n_params / 1e3:.0f}k params) "
+          f"in {run_dir} from step {start_step}, {accelerator.num_processes} process(es) on {accelerator.device}, "
+          f"history {hist}")
+
+
+def make_accelerator(cfg: dict) -> Accelerator:
+    """Threads, determinism and precision, then the Accelerator (CPU unless a GPU is present)."""
     if cfg["deterministic"]:  # before CUDA starts: cuBLAS reads its workspace setting once
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -277,12 +289,60 @@ def main():
     if cfg["mixed_precision"] == "fp16" and not on_gpu:
         raise UserError("mixed_precision=fp16 needs a GPU (on CPU accelerate would silently train in fp32); "
                         "use mixed_precision=bf16 or no")
-    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=not on_gpu)
+    return Accelerator(mixed_precision=cfg["mixed_precision"], cpu=not on_gpu)
+
+
+def save_checkpoint(path: Path, raw_model, opt, sched, accelerator: Accelerator, log, cfg: dict, horizon: int,
+                    step: int) -> None:
+    """Everything a resumed run needs to continue bit for bit, written atomically by the main process."""
+    rngs = gather_object([rng_state()])  # every rank's generators, so that each continues where it was
+    if accelerator.is_main_process:
+        log.flush()  # the logged curve up to `step` reaches the disk before the checkpoint that resumes it
+        atomic_save({
+            "model": raw_model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "schedule_steps": horizon,
+            "step": step,
+            "config": cfg,
+            "rng": rngs,
+        }, path)
+    accelerator.wait_for_everyone()
+
+
+def write_summary(run_dir: Path, cfg: dict, accelerator: Accelerator, start_step: int, seconds: float, n_targets: int,
+                  last_val: dict, digests: list[str]) -> None:
+    steps_done = cfg["train_timesteps"] - start_step
+    summary = {
+        "steps": cfg["train_timesteps"],
+        "steps_this_session": steps_done,
+        "seconds": seconds,
+        "steps_per_s": steps_done / seconds,
+        "targets_per_s": n_targets * accelerator.num_processes / seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "num_processes": accelerator.num_processes,
+        "weights_sha256_per_rank": digests,
+        **{f"val/{k}": v for k, v in last_val.items()},
+    }
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: {steps_done} steps in {seconds:.0f} s ({summary['steps_per_s']:.2f} steps/s, "
+          f"{summary['targets_per_s']:.0f} targets/s); checkpoint {run_dir / CKPT}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, DEFAULT_MODEL_CONFIG)
+    parser.add_argument("--run-dir", default=None, help="output directory (default: runs/<run_name>-seed<seed>)")
+    parser.add_argument("--force", action="store_true", help="start over in a run dir that already holds a run")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    accelerator = make_accelerator(cfg)
     main_proc = accelerator.is_main_process
 
     # ---- build: resume decision, data, model, optimiser -------------------------------------------------------
     ckpt, restart = start_or_resume(args, cfg, run_dir)
-    ckpt_path = run_dir / CKPT
     start_step = ckpt["step"] if ckpt else 0
     # the schedule's horizon is fixed when a run starts: continuing with a larger train_timesteps runs on at 0.1 x lr
     horizon = int(ckpt.get("schedule_steps", ckpt["config"]["train_timesteps"])) if ckpt else cfg["train_timesteps"]
@@ -294,7 +354,7 @@ def main():
     random.seed(seed)
     np.random.seed(seed)
     if ckpt:
-        restore(ckpt, model, opt, sched, accelerator, ckpt_path)
+        restore(ckpt, model, opt, sched, accelerator, run_dir / CKPT)
     # the scheduler is stepped by hand once per optimiser step (accelerate would step it N times under DDP)
     model, opt = accelerator.prepare(model, opt)
     if ckpt and ckpt.get("scaler") is not None and accelerator.scaler is not None:
@@ -305,41 +365,12 @@ def main():
     # shift the dropout stream of a resumed run away from the uninterrupted one
     loader = torch.utils.data.DataLoader(train_data, batch_size=None, generator=torch.Generator().manual_seed(seed))
     accelerator.wait_for_everyone()
-
     if main_proc:
-        if restart:
-            print(f"no checkpoint in {run_dir} yet (stopped before the first one): starting again from step 0")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     log = Logger(run_dir, start_step, bool(ckpt), main_proc)
     if main_proc:
-        if not ckpt:
-            table = "\n".join(f"| {k} | {v} |" for k, v in cfg.items())
-            log.writer.add_text("hparams", "| key | value |\n|---|---|\n" + table, 0)
-        if horizon != cfg["train_timesteps"]:
-            print(f"note: the LR schedule keeps the horizon of {horizon} steps this run started with; "
-                  f"steps past it run at 0.1 x lr")
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{'resuming' if ckpt else 'training'} {cfg['model']} "
-              f"({'compressed' if cfg['use_compressed_context'] else 'standard'}, {n_params / 1e3:.0f}k params) "
-              f"in {run_dir} from step {start_step}, {accelerator.num_processes} process(es) on {accelerator.device}, "
-              f"history {hist}")
-
-    def save(step: int):
-        rngs = gather_object([rng_state()])  # every rank's generators, so that each continues where it was
-        if main_proc:
-            log.flush()  # the logged curve up to `step` reaches the disk before the checkpoint that resumes it
-            atomic_save({
-                "model": raw_model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "schedule_steps": horizon,
-                "step": step,
-                "config": cfg,
-                "rng": rngs,
-            }, ckpt_path)
-        accelerator.wait_for_everyone()
+        announce(cfg, run_dir, model, accelerator, log, ckpt, restart, start_step, horizon, hist)
 
     # ---- the loop: step, then log / validate / checkpoint on their intervals ----------------------------------
     running, last_val = MetricSum(cfg["use_compressed_context"]), {}
@@ -372,39 +403,23 @@ def main():
                 bar.set_postfix(loss=f"{res['loss_action']:.3f}", acc=f"{res['acc_action']:.3f}")
             t_log, targets_log = now, 0
         if done % cfg["test_interval"] == 0 or last:
-            res = test_metrics(raw_model, val_data, cfg, accelerator)
+            last_val = test_metrics(raw_model, val_data, cfg, accelerator)
             if main_proc and cfg["val_episodes"] and cfg["val_streams"]:
-                res |= val_return(raw_model, cfg)
+                last_val |= val_return(raw_model, cfg)
             accelerator.wait_for_everyone()
-            last_val = res
-            log.log(done, "val", res)
+            log.log(done, "val", last_val)
             if main_proc:
-                tqdm.write(f"step {done}: " + ", ".join(f"val/{k} {v:.4f}" for k, v in res.items()))
+                tqdm.write(f"step {done}: " + ", ".join(f"val/{k} {v:.4f}" for k, v in last_val.items()))
         if done % cfg["ckpt_interval"] == 0 or last:
-            save(done)
+            save_checkpoint(run_dir / CKPT, raw_model, opt, sched, accelerator, log, cfg, horizon, done)
         bar.update()
     bar.close()
 
     # ---- finish: summary, and every rank checks it holds the same weights -------------------------------------
-    elapsed = time.perf_counter() - t_start
-    steps_done = cfg["train_timesteps"] - start_step
     digests = gather_object([weights_digest(raw_model.state_dict())])  # one per rank; DDP keeps them equal
     if main_proc:
-        summary = {
-            "steps": cfg["train_timesteps"],
-            "steps_this_session": steps_done,
-            "seconds": elapsed,
-            "steps_per_s": steps_done / elapsed,
-            "targets_per_s": n_targets * accelerator.num_processes / elapsed,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "num_processes": accelerator.num_processes,
-            "weights_sha256_per_rank": digests,
-            **{f"val/{k}": v for k, v in last_val.items()},
-        }
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(run_dir, cfg, accelerator, start_step, time.perf_counter() - t_start, n_targets, last_val, digests)
         log.close()
-        print(f"done: {steps_done} steps in {elapsed:.0f} s ({summary['steps_per_s']:.2f} steps/s, "
-              f"{summary['targets_per_s']:.0f} targets/s); checkpoint {ckpt_path}")
     # Free the DDP wrapper (it holds the process group) on every rank before the group is destroyed together;
     # left to interpreter exit, gloo's threads die with `terminate called without an active exception`.
     accelerator.wait_for_everyone()
