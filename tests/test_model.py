@@ -104,3 +104,28 @@ def test_marker_and_padding_tokens_carry_no_state_even_after_training(state_embe
     pad_state = m.embed_state(torch.tensor([81]))
     assert pad_state.abs().sum() == 0 and m.prev_emb.weight[22].abs().sum() == 0
     assert m.embed_state(torch.tensor([0])).abs().sum() > 0  # a real cell did train
+
+
+def _train_losses(precision: str, compile_model: bool, steps: int = 4) -> list[float]:
+    """A few optimiser steps of a tiny compressed model under the given speed options, as train.py runs them."""
+    torch.manual_seed(0)
+    m = AD(ADConfig(n_transit=32, d_model=32, n_layer=2, n_head=2, use_compressed_context=True))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    fn = torch.compile(m) if compile_model else m
+    losses = []
+    for step in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = fn(_batch(compressed=True, seed=step))
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out["loss"].detach()))
+    return losses
+
+
+def test_speed_options_do_not_change_the_losses():
+    """bf16 autocast (the default on CPU) gives the fp32 losses to 1 %; torch.compile gives the eager losses to 1e-5
+    (inductor may reorder float sums, so not bit for bit)."""
+    fp32 = _train_losses("no", False)
+    assert _train_losses("bf16", False) == pytest.approx(fp32, rel=1e-2)
+    assert _train_losses("no", True) == pytest.approx(fp32, rel=1e-5)
