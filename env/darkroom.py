@@ -88,28 +88,36 @@ class Darkroom(gym.Env):
         return self.pos.copy(), reward, False, self.t >= self.horizon, {}
 
 
-class DarkroomVecEnv(VecEnv):
-    """`n_envs` Darkroom streams on one goal, stepped together in numpy.
+class GridVecEnv(VecEnv):
+    """The SB3 `VecEnv` plumbing the gridworlds share: `n_envs` streams of one task stepped together in numpy
+    (SB3's DummyVecEnv over 100 Python envs costs more than the PPO update itself).
 
     Follows SB3's VecEnv contract: auto-reset on episode end, the last observation of an episode in
-    `infos[i]["terminal_observation"]`, and `infos[i]["TimeLimit.truncated"] = True` (episodes only
-    end by time limit, so PPO bootstraps from the value of the terminal observation).
-    """
+    `infos[i]["terminal_observation"]`, and `infos[i]["TimeLimit.truncated"] = True` (episodes only end by time limit,
+    so PPO bootstraps from the value of the terminal observation). A subclass moves the streams (`_move`) and resets
+    whatever per-episode state it keeps besides position and time (`_new_episode`)."""
 
     render_mode = None
 
-    def __init__(self, n_envs: int, goal: int, grid_size: int = 9, horizon: int = 20):
-        single = Darkroom(goal, grid_size, horizon)
+    def __init__(self, n_envs: int, single: gym.Env, grid_size: int, horizon: int, start: tuple[int, int]):
         super().__init__(n_envs, single.observation_space, single.action_space)
-        self.grid_size, self.horizon, self.goal = grid_size, horizon, single.goal
-        self.start = np.array(start_pos(grid_size), dtype=np.int64)
+        self.grid_size, self.horizon = grid_size, horizon
+        self.start = np.array(start, dtype=np.int64)
         self.pos = np.tile(self.start, (n_envs, 1))
         self.t = np.zeros(n_envs, dtype=np.int64)
         self._actions = np.zeros(n_envs, dtype=np.int64)
 
+    def _move(self) -> np.ndarray:
+        """Apply `self._actions`: update `self.pos` (and per-episode state); return the rewards (float32, [n_envs])."""
+        raise NotImplementedError
+
+    def _new_episode(self, streams: np.ndarray) -> None:
+        """Start a new episode in the `streams` (a bool mask)."""
+        self.pos[streams] = self.start
+        self.t[streams] = 0
+
     def reset(self) -> np.ndarray:
-        self.pos[:] = self.start
-        self.t[:] = 0
+        self._new_episode(np.ones(self.num_envs, dtype=bool))
         self.reset_infos = [{} for _ in range(self.num_envs)]
         return self.pos.copy()
 
@@ -117,17 +125,15 @@ class DarkroomVecEnv(VecEnv):
         self._actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
 
     def step_wait(self):
-        self.pos = step_positions(self.pos, self._actions, self.grid_size)
+        rewards = self._move()
         self.t += 1
-        rewards = np.all(self.pos == self.goal, axis=1).astype(np.float32)
         dones = self.t >= self.horizon
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         obs = self.pos.copy()
         if dones.any():
             for i in np.flatnonzero(dones):
                 infos[i] = {"terminal_observation": self.pos[i].copy(), "TimeLimit.truncated": True}
-            self.pos[dones] = self.start
-            self.t[dones] = 0
+            self._new_episode(dones)
             obs[dones] = self.start
         return obs, rewards, dones, infos
 
@@ -141,7 +147,20 @@ class DarkroomVecEnv(VecEnv):
         setattr(self, attr_name, value)
 
     def env_method(self, method_name, *args, indices=None, **kwargs):
-        raise NotImplementedError("DarkroomVecEnv has no sub-environments to call methods on")
+        raise NotImplementedError(f"{type(self).__name__} has no sub-environments to call methods on")
 
     def env_is_wrapped(self, wrapper_class, indices=None):
         return [False for _ in self._get_indices(indices)]
+
+
+class DarkroomVecEnv(GridVecEnv):
+    """`n_envs` Darkroom streams on one goal (the `GridVecEnv` contract)."""
+
+    def __init__(self, n_envs: int, goal: int, grid_size: int = 9, horizon: int = 20):
+        single = Darkroom(goal, grid_size, horizon)
+        super().__init__(n_envs, single, grid_size, horizon, start_pos(grid_size))
+        self.goal = single.goal
+
+    def _move(self) -> np.ndarray:
+        self.pos = step_positions(self.pos, self._actions, self.grid_size)
+        return np.all(self.pos == self.goal, axis=1).astype(np.float32)

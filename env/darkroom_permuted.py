@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from stable_baselines3.common.vec_env import VecEnv
 
-from env.darkroom import MOVES, N_ACTIONS, step_positions
+from env.darkroom import MOVES, N_ACTIONS, GridVecEnv, step_positions
 
 __all__ = [
     "MOVES",
@@ -117,59 +115,14 @@ class DarkroomPermuted(gym.Env):
         return self.pos.copy(), float(reward[0]), False, self.t >= self.horizon, {}
 
 
-class DarkroomPermutedVecEnv(VecEnv):
-    """`n_envs` Darkroom-permuted streams on one task, stepped together in numpy.
-
-    Same contract as `DarkroomVecEnv`: auto-reset on episode end, the last observation in
-    `infos[i]["terminal_observation"]`, and `infos[i]["TimeLimit.truncated"] = True`.
-    """
-
-    render_mode = None
+class DarkroomPermutedVecEnv(GridVecEnv):
+    """`n_envs` Darkroom-permuted streams on one task (the `GridVecEnv` contract of env/darkroom.py)."""
 
     def __init__(self, n_envs: int, task: int, grid_size: int = 9, horizon: int = 50):
         single = DarkroomPermuted(task, grid_size, horizon)
-        super().__init__(n_envs, single.observation_space, single.action_space)
-        self.grid_size, self.horizon, self.task = grid_size, horizon, task
-        self.perm, self.goal = single.perm, single.goal
-        self.start = np.array(start_pos(grid_size), dtype=np.int64)
-        self.pos = np.tile(self.start, (n_envs, 1))
-        self.t = np.zeros(n_envs, dtype=np.int64)
-        self._actions = np.zeros(n_envs, dtype=np.int64)
+        super().__init__(n_envs, single, grid_size, horizon, start_pos(grid_size))
+        self.task, self.perm, self.goal = task, single.perm, single.goal
 
-    def reset(self) -> np.ndarray:
-        self.pos[:] = self.start
-        self.t[:] = 0
-        self.reset_infos = [{} for _ in range(self.num_envs)]
-        return self.pos.copy()
-
-    def step_async(self, actions: np.ndarray) -> None:
-        self._actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
-
-    def step_wait(self):
+    def _move(self) -> np.ndarray:
         self.pos, rewards, _ = step_batch(self.pos, None, self._actions, self.perm, self.grid_size)
-        self.t += 1
-        dones = self.t >= self.horizon
-        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        obs = self.pos.copy()
-        if dones.any():
-            for i in np.flatnonzero(dones):
-                infos[i] = {"terminal_observation": self.pos[i].copy(), "TimeLimit.truncated": True}
-            self.pos[dones] = self.start
-            self.t[dones] = 0
-            obs[dones] = self.start
-        return obs, rewards, dones, infos
-
-    def close(self) -> None:
-        pass
-
-    def get_attr(self, attr_name, indices=None):
-        return [getattr(self, attr_name) for _ in self._get_indices(indices)]
-
-    def set_attr(self, attr_name, value, indices=None) -> None:
-        setattr(self, attr_name, value)
-
-    def env_method(self, method_name, *args, indices=None, **kwargs):
-        raise NotImplementedError("DarkroomPermutedVecEnv has no sub-environments to call methods on")
-
-    def env_is_wrapped(self, wrapper_class, indices=None):
-        return [False for _ in self._get_indices(indices)]
+        return rewards

@@ -27,34 +27,39 @@ class TaskFamily:
     where `params` are the per-stream task parameters from `params(tasks, cfg)` and `state` the per-episode state
     (None where the position is all there is) that starts as `initial_state(B)`."""
 
+    module = None  # the env module: its Env / VecEnv classes and `optimal_return(task, grid, horizon)`, `start_pos(grid)`
+    env_cls = vec_env_cls = None
+
     def initial_state(self, n: int):
         return None
 
+    def vec_env(self, cfg, n_envs, task):
+        return self.vec_env_cls(n_envs, task, cfg["grid_size"], cfg["horizon"])
+
+    def env(self, cfg, task):
+        return self.env_cls(task, cfg["grid_size"], cfg["horizon"])
+
+    def optimal_return(self, task, cfg):
+        return self.module.optimal_return(task, cfg["grid_size"], cfg["horizon"])
+
+    def start_pos(self, cfg):
+        return self.module.start_pos(cfg["grid_size"])
+
 
 class Darkroom(TaskFamily):
+    module, env_cls, vec_env_cls = dr, dr.Darkroom, dr.DarkroomVecEnv
+
     def n_tasks(self, cfg):
         return cfg["grid_size"] ** 2
 
     def splits(self, cfg):
         return dr.split_goals(cfg["grid_size"], cfg["env_split_seed"], cfg["train_env_ratio"], cfg.get("n_val_tasks", 8))
 
-    def vec_env(self, cfg, n_envs, task):
-        return dr.DarkroomVecEnv(n_envs, task, cfg["grid_size"], cfg["horizon"])
-
-    def env(self, cfg, task):
-        return dr.Darkroom(task, cfg["grid_size"], cfg["horizon"])
-
     def attrs(self, task, cfg):
         return {"goal": dr.goal_to_pos(task, cfg["grid_size"])}
 
     def describe(self, task, cfg):
         return "goal ({},{})".format(*dr.goal_to_pos(task, cfg["grid_size"]))
-
-    def optimal_return(self, task, cfg):
-        return dr.optimal_return(task, cfg["grid_size"], cfg["horizon"])
-
-    def start_pos(self, cfg):
-        return dr.start_pos(cfg["grid_size"])
 
     def params(self, tasks, cfg):
         return np.array([dr.goal_to_pos(t, cfg["grid_size"]) for t in tasks], dtype=np.int64).reshape(-1, 2)
@@ -65,29 +70,18 @@ class Darkroom(TaskFamily):
 
 
 class DarkroomPermuted(TaskFamily):
+    module, env_cls, vec_env_cls = dp, dp.DarkroomPermuted, dp.DarkroomPermutedVecEnv
     def n_tasks(self, cfg):
         return len(dp.PERMUTATIONS)
 
     def splits(self, cfg):
         return dp.split_tasks(cfg["env_split_seed"], cfg["train_env_ratio"], cfg.get("n_val_tasks", 12))
 
-    def vec_env(self, cfg, n_envs, task):
-        return dp.DarkroomPermutedVecEnv(n_envs, task, cfg["grid_size"], cfg["horizon"])
-
-    def env(self, cfg, task):
-        return dp.DarkroomPermuted(task, cfg["grid_size"], cfg["horizon"])
-
     def attrs(self, task, cfg):
         return {"perm": dp.task_to_perm(task), "goal": dp.goal_pos(cfg["grid_size"])}
 
     def describe(self, task, cfg):
         return "perm " + "".join(map(str, dp.task_to_perm(task)))
-
-    def optimal_return(self, task, cfg):
-        return dp.optimal_return(task, cfg["grid_size"], cfg["horizon"])
-
-    def start_pos(self, cfg):
-        return dp.start_pos(cfg["grid_size"])
 
     def params(self, tasks, cfg):
         return np.array([dp.task_to_perm(t) for t in tasks], dtype=np.int64).reshape(-1, len(dp.MOVES))
@@ -97,17 +91,12 @@ class DarkroomPermuted(TaskFamily):
 
 
 class DarkKeyToDoor(TaskFamily):
+    module, env_cls, vec_env_cls = k2d, k2d.DarkKeyToDoor, k2d.DarkKeyToDoorVecEnv
     def n_tasks(self, cfg):
         return cfg["grid_size"] ** 4
 
     def splits(self, cfg):
         return k2d.split_tasks(cfg["grid_size"], cfg["env_split_seed"], cfg["train_env_ratio"], cfg.get("n_val_tasks", 32))
-
-    def vec_env(self, cfg, n_envs, task):
-        return k2d.DarkKeyToDoorVecEnv(n_envs, task, cfg["grid_size"], cfg["horizon"])
-
-    def env(self, cfg, task):
-        return k2d.DarkKeyToDoor(task, cfg["grid_size"], cfg["horizon"])
 
     def attrs(self, task, cfg):
         key, door = k2d.task_to_key_door(task, cfg["grid_size"])
@@ -115,12 +104,6 @@ class DarkKeyToDoor(TaskFamily):
 
     def describe(self, task, cfg):
         return "key ({},{}) door ({},{})".format(*(c for p in k2d.task_to_key_door(task, cfg["grid_size"]) for c in p))
-
-    def optimal_return(self, task, cfg):
-        return k2d.optimal_return(task, cfg["grid_size"], cfg["horizon"])
-
-    def start_pos(self, cfg):
-        return k2d.start_pos(cfg["grid_size"])
 
     def params(self, tasks, cfg):
         return np.array([k2d.task_to_key_door(t, cfg["grid_size"]) for t in tasks], dtype=np.int64).reshape(-1, 2, 2)
