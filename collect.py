@@ -66,14 +66,14 @@ class HistoryCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         t, d, loc = self.t, self.data, self.locals
-        d["states"][t] = self.model._last_obs  # the observation the action was taken in
+        d["states"][t] = self.model._last_obs[:, :2]  # the position the action was taken in (not a stage PPO may see)
         d["actions"][t] = loc["actions"]
         d["rewards"][t] = loc["rewards"]
         d["dones"][t] = loc["dones"]
         next_states = loc["new_obs"].copy()  # already the reset state where an episode ended
         for i in np.flatnonzero(loc["dones"]):
             next_states[i] = loc["infos"][i]["terminal_observation"]
-        d["next_states"][t] = next_states
+        d["next_states"][t] = next_states[:, :2]
         self.t += 1
         return True
 

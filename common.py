@@ -36,7 +36,7 @@ SCHEMA: dict[str, type] = {
     "alg": str, "alg_seed": int, "n_steps": (int, list), "n_stream": int, "total_source_timesteps": int,
     "ppo_batch_size": int, "ppo_n_epochs": int, "ppo_lr": float, "ppo_ent_coef": float,
     "ppo_gamma": float, "ppo_gae_lambda": float, "ppo_clip_range": float, "ppo_net_arch": int,
-    "n_process": int, "traj_dir": str,
+    "ppo_observe_stage": bool, "n_process": int, "traj_dir": str,
     # model
     "model": str, "run_name": str, "use_compressed_context": bool, "n_transit": int,
     "compress_interval": int, "max_regions": int, "token_type_loss_weight": float,

@@ -17,12 +17,13 @@ FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_star
 COLLECT_KEYS = (
     "env", "grid_size", "horizon", "alg", "alg_seed", "n_steps", "n_stream", "total_source_timesteps",
     "ppo_batch_size", "ppo_n_epochs", "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda",
-    "ppo_clip_range", "ppo_net_arch",
+    "ppo_clip_range", "ppo_net_arch", "ppo_observe_stage",
 )
+COLLECT_DEFAULTS = {"ppo_observe_stage": False}  # keys a config (and a file written before they existed) may leave out
 
 
 def collect_keys(cfg: dict) -> dict:
-    return {k: cfg[k] for k in COLLECT_KEYS}
+    return {k: cfg.get(k, COLLECT_DEFAULTS.get(k)) if k in COLLECT_DEFAULTS else cfg[k] for k in COLLECT_KEYS}
 
 
 def open_history(path: str | Path) -> h5py.File:
@@ -47,7 +48,9 @@ def history_mismatch(f: h5py.File, cfg: dict) -> dict:
         stored = yaml.safe_load(f.attrs.get("collect_keys", "")) or {}
     except yaml.YAMLError:
         stored = {}
-    return {k: (stored.get(k), cfg[k]) for k in COLLECT_KEYS if stored.get(k) != cfg[k]}
+    want = collect_keys(cfg)
+    stored = {k: stored.get(k, COLLECT_DEFAULTS.get(k)) for k in COLLECT_KEYS}
+    return {k: (stored[k], want[k]) for k in COLLECT_KEYS if stored[k] != want[k]}
 
 
 def check_history(f: h5py.File, path: str | Path, cfg: dict) -> None:

@@ -11,6 +11,8 @@ and the door pays only once.
 Three implementations of the same dynamics (`step_batch` is the single source of truth):
 - `DarkKeyToDoor`, a `gymnasium.Env` (one episode, checked by gymnasium's and SB3's env checkers);
 - `DarkKeyToDoorVecEnv`, an SB3 `VecEnv` over `n_envs` streams of one task, with Darkroom's auto-reset contract;
+  with `observe_stage=True` its observation is (row, col, stage), the Markov state, for the source PPO (whose
+  memoryless policy cannot otherwise know whether it holds the key); the logged history keeps positions only;
 - `step_batch`, one step of B streams that each have their own task (for in-context evaluation).
 """
 
@@ -153,11 +155,21 @@ class DarkKeyToDoorVecEnv(GridVecEnv):
     """`n_envs` Dark Key-to-Door streams on one task (the `GridVecEnv` contract of env/darkroom.py); a new episode
     also resets the key stage to 0."""
 
-    def __init__(self, n_envs: int, task: int, grid_size: int = 9, horizon: int = 50):
+    def __init__(self, n_envs: int, task: int, grid_size: int = 9, horizon: int = 50, observe_stage: bool = False):
         single = DarkKeyToDoor(task, grid_size, horizon)
         super().__init__(n_envs, single, grid_size, horizon, start_pos(grid_size))
         self.task, self.key, self.door = task, single.key, single.door
         self.stage = np.zeros(n_envs, dtype=np.int64)
+        self.observe_stage = observe_stage
+        if observe_stage:  # (row, col, stage): the Markov state, for a source learner without memory; a Box, so that
+            # SB3's MlpPolicy sees the numbers rather than one-hot codes (PPO got stuck on "key only" far more often with
+            # one-hot codes: docs/experiments.md E11)
+            self.observation_space = gym.spaces.Box(0, np.array([grid_size - 1, grid_size - 1, 2]), (3,), np.int64)
+
+    def _observe(self) -> np.ndarray:
+        if self.observe_stage:
+            return np.concatenate([self.pos, self.stage[:, None]], axis=1)
+        return self.pos.copy()
 
     @property
     def has_key(self) -> np.ndarray:

@@ -116,10 +116,14 @@ class GridVecEnv(VecEnv):
         self.pos[streams] = self.start
         self.t[streams] = 0
 
+    def _observe(self) -> np.ndarray:
+        """What PPO observes: the positions (a subclass may add to them)."""
+        return self.pos.copy()
+
     def reset(self) -> np.ndarray:
         self._new_episode(np.ones(self.num_envs, dtype=bool))
         self.reset_infos = [{} for _ in range(self.num_envs)]
-        return self.pos.copy()
+        return self._observe()
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
@@ -129,12 +133,12 @@ class GridVecEnv(VecEnv):
         self.t += 1
         dones = self.t >= self.horizon
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        obs = self.pos.copy()
+        obs = self._observe()
         if dones.any():
             for i in np.flatnonzero(dones):
-                infos[i] = {"terminal_observation": self.pos[i].copy(), "TimeLimit.truncated": True}
+                infos[i] = {"terminal_observation": obs[i].copy(), "TimeLimit.truncated": True}
             self._new_episode(dones)
-            obs[dones] = self.start
+            obs[dones] = self._observe()[dones]
         return obs, rewards, dones, infos
 
     def close(self) -> None:

@@ -34,6 +34,9 @@ class TaskFamily:
         return None
 
     def vec_env(self, cfg, n_envs, task):
+        if cfg.get("ppo_observe_stage", False):
+            raise UserError(f"ppo_observe_stage=true is for envs with a hidden per-episode stage (dark_key_to_door); "
+                            f"{cfg.get('env', 'darkroom')} has none: set ppo_observe_stage=false")
         return self.vec_env_cls(n_envs, task, cfg["grid_size"], cfg["horizon"])
 
     def env(self, cfg, task):
@@ -107,6 +110,9 @@ class DarkKeyToDoor(TaskFamily):
 
     def params(self, tasks, cfg):
         return np.array([k2d.task_to_key_door(t, cfg["grid_size"]) for t in tasks], dtype=np.int64).reshape(-1, 2, 2)
+
+    def vec_env(self, cfg, n_envs, task):
+        return self.vec_env_cls(n_envs, task, cfg["grid_size"], cfg["horizon"], cfg.get("ppo_observe_stage", False))
 
     def initial_state(self, n):
         return np.zeros(n, dtype=np.int64)  # the key stage: 0 no key, 1 key taken, 2 door reached too

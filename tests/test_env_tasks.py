@@ -8,6 +8,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
+from common import UserError
 from env import dark_key_to_door as k2d
 from env import darkroom_permuted as perm
 from env.dark_key_to_door import DarkKeyToDoor, DarkKeyToDoorVecEnv, key_door_to_task, task_to_key_door
@@ -204,6 +205,44 @@ def test_k2d_vec_env_matches_single_env():
         total = assert_vec_matches_single(venv, envs, n_steps=3 * horizon + 5)
         assert total > 0  # rewards were exercised
         assert venv.get_attr("task") == [task] * 4 and venv.env_is_wrapped(object) == [False] * 4
+
+
+def test_k2d_vec_env_observing_the_stage_adds_it_to_the_same_positions():
+    """The source PPO's optional Markov observation (row, col, stage): the same positions, rewards and dones as the
+    position-only VecEnv, the stage each stream is in, the pre-reset stage in the terminal observation, and 0 after."""
+    task, grid_size, horizon = key_door_to_task((2, 3), (1, 1), 5), 5, 12
+    plain = DarkKeyToDoorVecEnv(n_envs=6, task=task, grid_size=grid_size, horizon=horizon)
+    staged = DarkKeyToDoorVecEnv(n_envs=6, task=task, grid_size=grid_size, horizon=horizon, observe_stage=True)
+    assert staged.observation_space.shape == (3,) and (staged.observation_space.high == [4, 4, 2]).all()
+    obs_p, obs_s = plain.reset(), staged.reset()
+    assert (obs_s[:, :2] == obs_p).all() and (obs_s[:, 2] == 0).all()
+    rng = np.random.default_rng(0)
+    seen_stages, n_done = set(), 0
+    for _ in range(3 * horizon):
+        actions = rng.integers(5, size=6)
+        obs_p, r_p, d_p, info_p = plain.step(actions)
+        _, _, stage_after = k2d.step_batch(staged.pos, staged.stage, actions, staged.key, staged.door, grid_size)
+        obs_s, r_s, d_s, info_s = staged.step(actions)
+        assert (obs_s[:, :2] == obs_p).all() and (r_s == r_p).all() and (d_s == d_p).all()
+        for i in range(6):
+            if d_s[i]:
+                n_done += 1
+                term = info_s[i]["terminal_observation"]
+                assert (term[:2] == info_p[i]["terminal_observation"]).all() and term[2] == stage_after[i]
+                assert obs_s[i, 2] == 0  # the new episode starts without the key
+            else:
+                assert obs_s[i, 2] == stage_after[i]
+        seen_stages |= set(stage_after.tolist())
+    assert n_done >= 12 and seen_stages >= {0, 1}  # resets happened and the key was taken at least once
+
+
+def test_observing_the_stage_is_refused_for_envs_without_one():
+    from env import task_family
+    cfg = {"env": "darkroom", "grid_size": 9, "horizon": 20, "ppo_observe_stage": True}
+    with pytest.raises(UserError, match="ppo_observe_stage=true is for envs with a hidden per-episode stage"):
+        task_family(cfg).vec_env(cfg, 2, 0)
+    cfg = {"env": "dark_key_to_door", "grid_size": 9, "horizon": 50, "ppo_observe_stage": True}
+    assert task_family(cfg).vec_env(cfg, 2, 0).reset().shape == (2, 3)
 
 
 def test_k2d_step_batch_matches_single_env_with_a_task_per_stream():
