@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from common import CONFIG_DIR, ENV_CONFIGS, ENV_KEYS, UserError, env_configs, load_config, parse_overrides, run_main
 
@@ -101,9 +102,21 @@ def train_args(arm: str, seed: int, root: Path, overrides: list[str], env: str) 
             *overrides, *extra(cfg["n_steps"]), f"seed={seed}"]
 
 
-def finished(run_dir: Path, steps: int) -> bool:
+def finished(run_dir: Path, steps: int, cfg: dict | None = None) -> bool:
+    """Has `run_dir` a finished training? With `cfg` (what the study would train), one trained with another config is
+    refused rather than skipped: a changed config key must never reuse an old run's weights."""
     summary = run_dir / "train_summary.json"
-    return summary.is_file() and json.loads(summary.read_text())["steps"] >= steps
+    if not (summary.is_file() and json.loads(summary.read_text())["steps"] >= steps):
+        return False
+    saved = run_dir / "config.yaml"
+    if cfg is not None and saved.is_file():
+        from train import config_diff
+
+        diff = config_diff(yaml.safe_load(saved.read_text()), cfg)
+        if diff:
+            raise UserError(f"{run_dir} was trained with {diff}; move it away (or pass another --runs-root) to train "
+                            "this config")
+    return True
 
 
 def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[str], jobs: int, env: str) -> None:
@@ -114,10 +127,12 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
     for seed in seeds:
         for arm in sorted({CHECKPOINT_OF[a] for a in arms}, key=list(TRAINED).index):
             run_dir = run_dir_of(root, arm, seed)
-            if finished(run_dir, steps):
+            args = train_args(arm, seed, root, overrides, env)
+            cfg = load_config(args[1], [a for a in args[4:]])
+            if finished(run_dir, steps, cfg):
                 say(f"skip training {arm} seed {seed}: {run_dir} is finished")
             else:
-                todo.append((f"train {arm} seed {seed}", train_args(arm, seed, root, overrides, env), run_dir / "train.log"))
+                todo.append((f"train {arm} seed {seed}", args, run_dir / "train.log"))
     if jobs == 1:
         for name, args, _ in todo:
             run_stage(name, "train.py", args)

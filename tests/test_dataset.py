@@ -82,6 +82,26 @@ def test_history_of_another_collection_config_is_refused(tiny_history):
         HistoryDataset(tiny_history["path"], cfg, "train", 2, seed=0)
 
 
+def test_a_collection_key_a_file_predates_reads_as_its_default(tmp_path):
+    """`ppo_observe_stage` came after the first histories: a file that does not store it was collected without it, so
+    it fits a config with the default (false) and is refused, by name, for a config that sets it."""
+    import h5py
+    import yaml
+
+    from common import UserError
+    from history import COLLECT_KEYS, check_history, collect_keys
+
+    cfg = load_config("config/algorithm/ppo_darkroom.yaml")
+    assert "ppo_observe_stage" not in cfg and collect_keys(cfg)["ppo_observe_stage"] is False
+    old = {k: v for k, v in collect_keys(cfg).items() if k != "ppo_observe_stage"}
+    assert set(old) == set(COLLECT_KEYS) - {"ppo_observe_stage"}
+    with h5py.File(tmp_path / "old.hdf5", "w") as f:
+        f.attrs["collect_keys"] = yaml.safe_dump(old)
+        check_history(f, "old.hdf5", cfg)  # fits
+        with pytest.raises(UserError, match=r"collected with ppo_observe_stage=False \(config: True\)"):
+            check_history(f, "old.hdf5", {**cfg, "ppo_observe_stage": True})
+
+
 def test_first_step_of_a_stream_has_no_previous_step(tiny_history):
     h = _history(tiny_history, 0)
     from dataset import stream_tokens

@@ -75,6 +75,14 @@ def test_study_rerun_skips_finished_work(tiny_study):
     assert "test evaluation: 16 evaluations done before, 0 to run" in out
 
 
+def test_study_refuses_a_finished_run_of_another_config(tiny_study):
+    """A changed training key must not silently reuse the old run's weights: the rerun names the key and stops."""
+    args = [a if a != "warmup_steps=2" else "warmup_steps=3" for a in tiny_study["args"]]
+    bad = run_script("study.py", *args, check=False)
+    assert bad.returncode != 0 and "was trained with warmup_steps=2, not 3; move it away" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0  # one line
+
+
 def test_study_refuses_bad_arguments(tmp_path):
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed,everything", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
