@@ -257,7 +257,8 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
     for i, g in enumerate(goals):
         r = returns[i].mean(0)  # mean over streams, per episode
         per_goal.append({"goal": g, "task": family.describe(g, cfg), "mean": float(r.mean()),
-                         "last50": float(r[-50:].mean()), "last100": float(r[-100:].mean()), "optimum": float(opt[i]),
+                         "last20": float(r[-20:].mean()), "last50": float(r[-50:].mean()), "last100": float(r[-100:].mean()),
+                         "optimum": float(opt[i]),
                          "normalized": float(r.mean() / opt[i]), "last100_normalized": float(r[-100:].mean() / opt[i])})
     n_total = returns.shape[-1] * H
     s = {
@@ -265,7 +266,8 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
         "goals": [int(g) for g in goals],
         "n_goals": len(goals), "n_streams": returns.shape[1], "n_episodes": returns.shape[-1],
         "mean_return": float(returns.mean()), "ci95": float(ci),
-        "last50_mean": float(returns[..., -50:].mean()), "last100_mean": float(returns[..., -100:].mean()),
+        "last20_mean": float(returns[..., -20:].mean()), "last50_mean": float(returns[..., -50:].mean()),
+        "last100_mean": float(returns[..., -100:].mean()),
         "optimum_mean": float(opt.mean()), "normalized_score": float(returns.mean() / opt.mean()),
         "per_goal": per_goal,
     }
@@ -287,7 +289,7 @@ def print_table(s: dict) -> None:
         print(f"{g['goal']:>5} {g['task']:>22} {g['mean']:>6.2f} {g['last50']:>7.2f} "
               f"{g['optimum']:>8.0f} {g['normalized']:>6.2f}")
     print(f"{s['mode']} AD: mean return {s['mean_return']:.2f} ± {s['ci95']:.2f} (95% CI) over {s['n_episodes']} episodes "
-          f"x {s['n_goals']} goals x {s['n_streams']} streams; last 100 {s['last100_mean']:.2f}; "
+          f"x {s['n_goals']} goals x {s['n_streams']} streams; last 100 {s['last100_mean']:.2f}, last 20 {s['last20_mean']:.2f}; "
           f"optimum {s['optimum_mean']:.2f}; normalised {s['normalized_score']:.3f}")
     if "compression" in s:
         c = s["compression"]

@@ -273,6 +273,17 @@ def fmt_ci(x: float, ci: list[float], f: str = "{:.3f}") -> str:
     return f"{f.format(x)} [{f.format(ci[0])}, {f.format(ci[1])}]"
 
 
+def arm_windows(cfg: dict, arms: list[str]) -> str:
+    """The arms' context sizes in this env's steps (the arm names are Darkroom's: 240 = 3 x 80, 160 = 2 x 80)."""
+    n = cfg["n_steps"]
+    size = {"standard-240": f"a window of 3 rollouts = {3 * n} steps" if isinstance(n, int) else "a window of 3 rollouts",
+            "standard-160": f"a window of 2 rollouts = {2 * n} steps" if isinstance(n, int) else "a window of 2 rollouts",
+            "compressed": "the last 2 regions (rollouts), closed by its </compress> head",
+            "compressed-fixed": "the compressed checkpoint, closing every compress_interval steps",
+            "compressed-adaptive": "compressed on histories whose rollout length differs by goal"}
+    return f"Arms ({cfg.get('env', 'darkroom')}, PPO rollouts of {n} steps): " + "; ".join(f"{a}: {size[a]}" for a in arms) + "."
+
+
 def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int],
                  temps: dict[str, float], episodes: int, reps: int) -> dict:
     import study_stats as st
@@ -285,7 +296,8 @@ def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[
         returns[arm], side[arm] = load_returns(root, arm, seeds, "test", temps[arm], eval_seeds, episodes)
         assert side[arm]["goals"] == goals, "evaluations of other goals than the test split"
     scores = {a: st.run_scores(R, opt) for a, R in returns.items()}
-    scores_last = {a: st.run_scores(R, opt, last=min(100, episodes)) for a, R in returns.items()}
+    last = max(1, episodes // 5)  # the last fifth: 100 of Darkroom's 500 episodes, 20 of the 50-step envs' 100
+    scores_last = {a: st.run_scores(R, opt, last=last) for a, R in returns.items()}
     agg, agg_last = st.aggregate(scores, reps=reps), st.aggregate(scores_last, reps=reps)
     pairs = [(a, b) for a, b in (("compressed", "standard-240"), ("compressed", "standard-160"),
                                  ("compressed", "compressed-fixed"), ("standard-160", "standard-240"),
@@ -309,8 +321,8 @@ def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[
          f"= {n_runs} runs per goal and arm; {episodes} in-context episodes (no weight updates). Temperatures were chosen "
          "per arm on the validation goals (tuning.json); the test goals were evaluated once, at those temperatures. "
          f"Scores are returns / each goal's optimum; 95 % intervals are stratified bootstraps ({reps} replicates) "
-         "over runs within goals (rliable).", "",
-         "| arm | T (val) | mean, all episodes | IQM, all episodes | mean, last 100 | IQM, last 100 | episodes to 90 % "
+         "over runs within goals (rliable).", "", arm_windows(cfg, arms), "",
+         f"| arm | T (val) | mean, all episodes | IQM, all episodes | mean, last {last} | IQM, last {last} | episodes to 90 % "
          "(median) | first reward (median / p90 / max) |", "|---|---:|---|---|---|---|---|---|"]
     for a in arms:
         e90 = to90[a]
@@ -370,7 +382,7 @@ def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[
     fig.savefig(out / "learning_curves.png", dpi=120)
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, (name, res) in zip(axes, (("all episodes", agg), ("last 100 episodes", agg_last)), strict=True):
+    for ax, (name, res) in zip(axes, (("all episodes", agg), (f"last {last} episodes", agg_last)), strict=True):
         for i, a in enumerate(arms):
             for j, (m, key) in enumerate((("mean", "mean_ci"), ("iqm", "iqm_ci"))):
                 y = i + (j - 0.5) * 0.3
@@ -386,7 +398,7 @@ def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[
     plt.close(fig)
 
     report = {"seeds": seeds, "eval_seeds": eval_seeds, "episodes": episodes, "goals": goals, "temperatures": temps,
-              "aggregate": agg, "aggregate_last100": agg_last, "probability_of_improvement": poi,
+              "aggregate": agg, "last_episodes": last, "aggregate_last": agg_last, "probability_of_improvement": poi,
               "paired_differences": {k: {kk: vv for kk, vv in d.items()} for k, d in diffs.items()},
               "episodes_to_90": {a: {k: v for k, v in d.items() if k != "values"} for a, d in to90.items()},
               "first_reward": {a: {k: v for k, v in d.items() if k != "values"} for a, d in first.items()},

@@ -40,8 +40,8 @@ def test_train_then_evaluate(tiny_history, tmp_path, mode):
     assert s["weights_sha256"] == summary["weights_sha256_per_rank"][0]
     assert len(s["per_goal"]) == 8 and s["n_streams"] == 2 and s["mode"] == mode
     assert s["optimum_mean"] == 17.25
-    assert np.isclose(s["mean_return"], res.mean())
-    assert all(set(g) >= {"mean", "last50", "optimum", "normalized"} for g in s["per_goal"])
+    assert np.isclose(s["mean_return"], res.mean()) and np.isclose(s["last20_mean"], res[:, -20:].mean())
+    assert all(set(g) >= {"mean", "last20", "last50", "optimum", "normalized"} for g in s["per_goal"])
     assert "95% CI" in ev.stdout
     if mode == "compressed":
         c = s["compression"]
