@@ -159,10 +159,14 @@ def _evaluate(spec: dict) -> dict:
                                   seed=cfg["eval_seed"], temperature=cfg["eval_temperature"], progress=False)
     s = evaluate.summarize(res, goals, cfg)
     comp = s.get("compression", {})
+
+    def number(key: str) -> float:  # None (no n_steps grid to score against: per-task rollout lengths) -> NaN, so the
+        value = comp.get(key)       # .npz holds plain floats and loads without pickle
+        return np.nan if value is None else float(value)
+
     return {"returns": res["returns"].astype(np.int16), "goals": np.array(goals), "seconds": time.perf_counter() - start,
             "n_forced_closes": comp.get("n_forced_closes", 0), "n_closes": comp.get("n_closes", 0),
-            "precision_compress_end": comp.get("precision_compress_end", np.nan),
-            "recall_compress_end": comp.get("recall_compress_end", np.nan)}
+            "precision_compress_end": number("precision_compress_end"), "recall_compress_end": number("recall_compress_end")}
 
 
 def eval_path(root: Path, arm: str, seed: int, split: str, temperature: float, eval_seed: int, episodes: int) -> Path:

@@ -83,6 +83,26 @@ def test_study_refuses_a_finished_run_of_another_config(tiny_study):
     assert bad.stderr.strip().count("\n") == 0  # one line
 
 
+def test_an_evaluation_with_no_boundary_grid_saves_and_loads_without_pickle(tiny_study, monkeypatch, tmp_path):
+    """With per-task rollout lengths there is no n_steps grid, so evaluate reports the boundary precision as None;
+    the study's .npz must still hold plain numbers (NaN), or reading it back fails."""
+    import evaluate
+    import study
+
+    real = evaluate.summarize
+
+    def without_grid(res, goals, cfg):
+        s = real(res, goals, cfg)
+        s["compression"].update(precision_compress_end=None, recall_compress_end=None)
+        return s
+
+    monkeypatch.setattr(evaluate, "summarize", without_grid)
+    spec = study.eval_spec(tiny_study["root"], "compressed", 0, "val", 1.0, 1000, 2, [])
+    np.savez(tmp_path / "e.npz", **study._evaluate(spec))
+    z = np.load(tmp_path / "e.npz")  # allow_pickle=False
+    assert np.isnan(z["precision_compress_end"]) and np.isnan(z["recall_compress_end"]) and z["returns"].shape[-1] == 2
+
+
 def test_study_refuses_bad_arguments(tmp_path):
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed,everything", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
