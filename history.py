@@ -23,7 +23,7 @@ COLLECT_DEFAULTS = {"ppo_observe_stage": False}  # keys a config (and a file wri
 
 
 def collect_keys(cfg: dict) -> dict:
-    return {k: cfg.get(k, COLLECT_DEFAULTS.get(k)) if k in COLLECT_DEFAULTS else cfg[k] for k in COLLECT_KEYS}
+    return {k: cfg.get(k, COLLECT_DEFAULTS[k]) if k in COLLECT_DEFAULTS else cfg[k] for k in COLLECT_KEYS}
 
 
 def open_history(path: str | Path) -> h5py.File:
