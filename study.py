@@ -94,12 +94,11 @@ def run_dir_of(root: Path, arm: str, seed: int) -> Path:
     return root / "runs" / f"{CHECKPOINT_OF[arm]}-seed{seed}"
 
 
-def train_args(arm: str, seed: int, root: Path, overrides: list[str], env: str) -> list[str]:
+def train_config(arm: str, seed: int, overrides: list[str], env: str) -> tuple[Path, list[str]]:
+    """(model config, overrides) one (arm, seed) trains with."""
     _, extra = TRAINED[arm]
     config = arm_configs(env, arm)[1]
-    cfg = load_config(config, overrides)
-    return ["--config", str(config), "--run-dir", str(run_dir_of(root, arm, seed)),
-            *overrides, *extra(cfg["n_steps"]), f"seed={seed}"]
+    return config, [*overrides, *extra(load_config(config, overrides)["n_steps"]), f"seed={seed}"]
 
 
 def finished(run_dir: Path, steps: int, cfg: dict | None = None) -> bool:
@@ -127,11 +126,11 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
     for seed in seeds:
         for arm in sorted({CHECKPOINT_OF[a] for a in arms}, key=list(TRAINED).index):
             run_dir = run_dir_of(root, arm, seed)
-            args = train_args(arm, seed, root, overrides, env)
-            cfg = load_config(args[1], [a for a in args[4:]])
-            if finished(run_dir, steps, cfg):
+            config, over = train_config(arm, seed, overrides, env)
+            if finished(run_dir, steps, load_config(config, over)):
                 say(f"skip training {arm} seed {seed}: {run_dir} is finished")
             else:
+                args = ["--config", str(config), "--run-dir", str(run_dir), *over]
                 todo.append((f"train {arm} seed {seed}", args, run_dir / "train.log"))
     if jobs == 1:
         for name, args, _ in todo:
@@ -280,8 +279,11 @@ def fmt_ci(x: float, ci: list[float], f: str = "{:.3f}") -> str:
 def arm_windows(cfg: dict, arms: list[str]) -> str:
     """The arms' context sizes in this env's steps (the arm names are Darkroom's: 240 = 3 x 80, 160 = 2 x 80)."""
     n = cfg["n_steps"]
-    size = {"standard-240": f"a window of 3 rollouts = {3 * n} steps" if isinstance(n, int) else "a window of 3 rollouts",
-            "standard-160": f"a window of 2 rollouts = {2 * n} steps" if isinstance(n, int) else "a window of 2 rollouts",
+
+    def window(k: int) -> str:
+        return f"a window of {k} rollouts" + (f" = {k * n} steps" if isinstance(n, int) else "")
+
+    size = {"standard-240": window(3), "standard-160": window(2),
             "compressed": "the last 2 regions (rollouts), closed by its </compress> head",
             "compressed-fixed": "the compressed checkpoint, closing every compress_interval steps",
             "compressed-adaptive": "compressed on histories whose rollout length differs by goal"}
