@@ -48,7 +48,7 @@ SCHEMA: dict[str, type] = {
     "val_streams": int,
     # evaluation
     "eval_episodes": int, "eval_streams": int, "eval_temperature": float, "eval_window_shift": int,
-    "eval_cache": bool, "eval_seed": int, "eval_prune": str,
+    "eval_cache": bool, "eval_seed": int, "eval_prune": str, "eval_close_threshold": float,
 }
 # the env keys (config/env/*.yaml, and n_train_tasks / n_test_tasks where an env's file leaves them out): they choose the
 # tasks, so a collection takes them as well as a model config
@@ -157,6 +157,8 @@ def validate(cfg: dict) -> dict:
                 f"n_transit={cfg['n_transit']} is too small for {cfg['max_regions']} regions of "
                 f"{cfg['compress_interval']} steps plus markers: set n_transit>={need}"
             )
+    if not 0.0 <= cfg.get("eval_close_threshold", 0.0) < 1.0:
+        raise UserError(f"eval_close_threshold must be in [0, 1) (0: the head's argmax), got {cfg['eval_close_threshold']!r}")
     if cfg.get("eval_prune", "model") not in PRUNE_RULES:
         raise UserError(f"eval_prune must be one of {', '.join(PRUNE_RULES)}; got {cfg['eval_prune']!r}")
     if "env" in cfg and cfg["env"] not in ENV_CONFIGS:
@@ -171,7 +173,8 @@ def validate(cfg: dict) -> dict:
 
 # the keys evaluate.py and probe.py may set on top of a checkpoint's config (everything else is fixed by the checkpoint,
 # except traj_dir: where to find the history file, which probe.py reads)
-EVAL_KEYS = ("eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "eval_seed", "eval_prune")
+EVAL_KEYS = ("eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "eval_seed", "eval_prune",
+             "eval_close_threshold")
 PRUNE_RULES = ("model", "fixed")  # compressed evaluation: close a region when the head says so / every compress_interval
 
 

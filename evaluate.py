@@ -27,7 +27,7 @@ from tqdm import tqdm
 from common import DEFAULT_MODEL_CONFIG, EVAL_KEYS, UserError, apply_overrides, default_run_dir, load_config, run_main
 from env import SPLITS, BatchEnv, task_family, task_split
 from model import MODEL, ADConfig, weights_digest
-from model.ad import COMPRESS_END, COMPRESS_START, PAD_PREV, STEP, encode_prev, encode_state, n_state_ids
+from model.ad import COMPRESS_END, COMPRESS_START, PAD_PREV, STEP, closes_region, encode_prev, encode_state, n_state_ids
 
 SLACK = 3  # cache slots beyond n_transit: a step may append </compress>, <compress> and a step token
 
@@ -136,6 +136,7 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
     G, H = cfg["grid_size"], cfg["horizon"]
     compressed, n_transit, max_regions = cfg["use_compressed_context"], cfg["n_transit"], cfg["max_regions"]
     fixed_prune = compressed and cfg.get("eval_prune", "model") == "fixed"
+    threshold = cfg.get("eval_close_threshold", 0.0)
     B = len(goals) * n_streams
     env = BatchEnv(cfg, [g for g in goals for _ in range(n_streams)])  # goal-major: stream b plays goals[b // n_streams]
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -182,7 +183,7 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
             if fixed_prune:  # the compressed-fixed arm: the grid decides, not the head
                 says_end = region_len >= cfg["compress_interval"]
             else:
-                says_end = (logits_t.argmax(-1) == COMPRESS_END).cpu().numpy()
+                says_end = closes_region(logits_t, threshold).cpu().numpy()
             closing = np.flatnonzero(says_end | (region_len >= max_region_len))
             if len(closing):  # all closing streams at once: </compress>, prune the oldest region if over budget, <compress>
                 for b in closing:

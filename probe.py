@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import EVAL_KEYS, history_path, run_main
+from common import EVAL_KEYS, UserError, history_path, run_main
 from dataset import HistoryDataset
 from env import task_split
 from evaluate import load_run, run_in_context, summarize
@@ -64,22 +64,28 @@ def trained_region_length(cfg: dict) -> int:
 
 
 @torch.no_grad()
-def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_streams: int = 20) -> dict:
+def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_streams: int = 20,
+                    thresholds: tuple[float, ...] = ()) -> dict:
     """Teacher-forced `</compress>` precision / recall at the step tokens of the newest region of every training-style
-    context of the held-out histories, for regions with a previous region in context and for first regions; and the
-    same for the position-only rule that closes after `trained_region_length` steps."""
-    from model.ad import COMPRESS_END, COMPRESS_START
+    context of the held-out histories, for regions with a previous region in context and for first regions, with the
+    config's close rule (`eval_close_threshold`, as evaluate.py applies it); the same for the position-only rule that
+    closes after `trained_region_length` steps; and, for each of `thresholds`, the model's precision / recall had it
+    closed at P(</compress>) >= that threshold (`sweep`: how to choose eval_close_threshold on validation tasks)."""
+    from model.ad import COMPRESS_END, COMPRESS_START, closes_region
 
     ds = HistoryDataset(history_path(cfg), cfg, split, batch_size=1, seed=0)
     L0 = trained_region_length(cfg)
+    threshold = cfg.get("eval_close_threshold", 0.0)
     acc = {k: ([], []) for k in ("with_previous", "first", "baseline_with_previous", "baseline_first")}
+    probs = {k: ([], []) for k in ("with_previous", "first")}  # P(</compress>) and truth at the newest region's steps
     closes = {}  # (goal, stream) -> history steps after which the head said </compress> (newest region of each context)
     for g in ds.goals:
         streams = list(range(min(max_streams, ds.data[g]["actions"].shape[1])))
         regions = ds.data[g]["regions"]
         for k in range(len(regions)):
             b = ds.region_contexts(g, streams, k)
-            pred = (model(b)["logits_token_type"].argmax(-1) == COMPRESS_END).numpy()
+            logits = model(b)["logits_token_type"]
+            pred = closes_region(logits, threshold).numpy()
             tt = b["target_token_type"].numpy()
             idx = np.arange(tt.shape[1])[None]
             last_c = np.where(b["type_ids"].numpy() == COMPRESS_START, idx, -1).max(1, keepdims=True)
@@ -93,9 +99,16 @@ def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_stre
             for key, p in ((group, pred & newest), (f"baseline_{group}", base)):
                 acc[key][0].append(p.flatten())
                 acc[key][1].append(true.flatten())
+            if thresholds:
+                probs[group][0].append(torch.softmax(logits.float(), -1)[..., COMPRESS_END].numpy()[newest])
+                probs[group][1].append(true[newest])
     out = {k: _pr(np.concatenate(p), np.concatenate(t)) for k, (p, t) in acc.items() if p}
+    sweep = {}
+    for thr in thresholds:
+        sweep[thr] = {k: _pr(np.concatenate(p) >= thr, np.concatenate(t)) for k, (p, t) in probs.items() if p}
     ends = {g: (ds.data[g]["regions"][:, 1] - 1).tolist() for g in ds.goals}
-    return out | {"baseline_length": L0, "split": split, "streams_per_goal": max_streams, "closes": closes, "ends": ends}
+    return out | {"baseline_length": L0, "split": split, "streams_per_goal": max_streams, "closes": closes, "ends": ends,
+                  "threshold": threshold, "sweep": sweep}
 
 
 def plot_boundaries(report: dict, path: Path, n_streams: int = 2) -> Path:
@@ -128,6 +141,8 @@ def main():
     parser.add_argument("--run-dir", required=True, help="a trained run (holds ckpt.pt and config.yaml)")
     parser.add_argument("--episodes", type=int, default=0, help="also roll out N in-context episodes (default 0: no)")
     parser.add_argument("--split", choices=("val", "test"), default="val", help="held-out goals (default: val)")
+    parser.add_argument("--thresholds", default="", help="compressed mode: also report teacher-forced </compress> precision / "
+                        "recall had the head closed at P(</compress>) >= each of these (e.g. 0.5,0.3,0.2,0.1)")
     parser.add_argument("--plot", default=None, help="compressed mode: write the </compress> vs PPO-rollout-end plot here")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"{', '.join(EVAL_KEYS)}, traj_dir")
     args = parser.parse_args()
@@ -137,12 +152,19 @@ def main():
     print(f"teacher-forced acc, last region of the {args.split} goals' histories: {np.mean(list(acc.values())):.3f}  per goal "
           + " ".join(f"{g}:{a:.2f}" for g, a in acc.items()))
     if cfg["use_compressed_context"]:
-        r = boundary_report(model, cfg, args.split, device)
+        thresholds = tuple(float(x) for x in args.thresholds.split(",") if x.strip())
+        if any(not 0 < t < 1 for t in thresholds):
+            raise UserError(f"--thresholds must be probabilities in (0, 1), got {args.thresholds!r}")
+        r = boundary_report(model, cfg, args.split, device, thresholds=thresholds)
+        rule = f"P >= {r['threshold']}" if r["threshold"] > 0 else "argmax"
         for group in ("with_previous", "first"):
             m, b = r[group], r[f"baseline_{group}"]
-            print(f"teacher-forced </compress>, {group.replace('_', ' ')} region ({m['n_true']} regions): precision "
-                  f"{m['precision']:.3f} recall {m['recall']:.3f}; position-only rule (close after {r['baseline_length']} "
-                  f"steps): precision {b['precision']:.3f} recall {b['recall']:.3f}")
+            print(f"teacher-forced </compress> ({rule}), {group.replace('_', ' ')} region ({m['n_true']} regions): "
+                  f"precision {m['precision']:.3f} recall {m['recall']:.3f}; position-only rule (close after "
+                  f"{r['baseline_length']} steps): precision {b['precision']:.3f} recall {b['recall']:.3f}")
+        for thr, m in r["sweep"].items():
+            print(f"  had it closed at P(</compress>) >= {thr}: " + "; ".join(
+                f"{g.replace('_', ' ')} precision {v['precision']:.3f} recall {v['recall']:.3f}" for g, v in m.items()))
         if args.plot:
             print(f"wrote {plot_boundaries(r, Path(args.plot))}")
     if args.episodes:

@@ -44,6 +44,15 @@ def encode_prev(prev_action, prev_reward, episode_start):
     return ar + (NO_PREV + 1) * episode_start
 
 
+def closes_region(logits_token_type: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Does the token-type head close the region here? `</compress>` is its argmax (threshold 0), or its probability is at
+    least `threshold` (a calibration chosen on validation tasks: the head can rank a boundary first yet hold it below
+    the argmax when the boundary is rare in training)."""
+    if threshold <= 0:
+        return logits_token_type.argmax(-1) == COMPRESS_END
+    return torch.softmax(logits_token_type.float(), -1)[..., COMPRESS_END] >= threshold
+
+
 @dataclass
 class ADConfig:
     grid_size: int = 9

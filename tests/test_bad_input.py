@@ -64,6 +64,8 @@ CASES = [
     ("fp16_on_cpu", "train.py", ["--run-dir", "new", *STANDARD, "mixed_precision=fp16"], "mixed_precision=fp16 needs a GPU"),
     ("history_of_another_collection", "train.py", ["--run-dir", "new", *STANDARD, "n_stream=100"],
      "was collected with n_stream=4 (config: 100)"),
+    ("bad_close_threshold", "evaluate.py", ["--run-dir", "run", "eval_close_threshold=1.5"],
+     "eval_close_threshold must be in [0, 1)"),
     ("bad_eval_prune", "evaluate.py", ["--run-dir", "run", "eval_prune=sometimes"], "eval_prune must be one of model, fixed"),
     ("eval_overwrite_other_settings", "evaluate.py", ["--run-dir", "run", "eval_seed=1"],
      "holds an evaluation of these weights with eval_seed=0 (now 1); pass --force"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import AD, MODEL, ADConfig
-from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, N_ACTIONS, STEP
+from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, N_ACTIONS, STEP, closes_region
 
 
 def _batch(B=3, T=24, compressed=False, seed=0):
@@ -33,6 +33,14 @@ def _batch(B=3, T=24, compressed=False, seed=0):
 def _model(compressed=False, T=32):
     torch.manual_seed(0)
     return AD(ADConfig(n_transit=T, d_model=32, n_layer=2, n_head=2, use_compressed_context=compressed))
+
+
+def test_closes_region_argmax_or_threshold():
+    logits = torch.log(torch.tensor([[0.6, 0.1, 0.3], [0.2, 0.1, 0.7], [0.05, 0.9, 0.05]]))  # P(</compress>) .3 .7 .05
+    assert closes_region(logits).tolist() == [False, True, False]  # argmax
+    assert closes_region(logits, 0.25).tolist() == [True, True, False]
+    assert closes_region(logits, 0.8).tolist() == [False, False, False]
+    assert closes_region(logits[None], 0.04).shape == (1, 3)
 
 
 def test_registry():

@@ -92,3 +92,32 @@ def test_boundary_plot(adaptive_history, tmp_path):
                                                               "n_transit=44"])
     png = plot_boundaries(boundary_report(ScriptedCloser(20, read_context=True), cfg, "test"), tmp_path / "b.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class UnsureCloser(ScriptedCloser):
+    """Reads the previous region's length like ScriptedCloser, but gives `</compress>` only probability ~0.2 where the
+    region ends (below the argmax, which stays the step token) and ~1e-4 elsewhere."""
+
+    def forward(self, b):
+        out = super().forward(b)
+        end = out["logits_token_type"][..., 2] > 0
+        out["logits_token_type"] = torch.where(end[..., None], torch.tensor([1.0, -9.0, -0.386]), out["logits_token_type"])
+        return out
+
+
+def test_close_threshold_sweep_and_rule(adaptive_history):
+    """A head that ranks the boundary right but below its argmax: the argmax rule never closes, a threshold under its
+    probability closes exactly at the boundaries, one above it never closes; the config's eval_close_threshold is the
+    rule the report (and evaluate.py) applies."""
+    from probe import boundary_report
+
+    over = [*adaptive_history["overrides"], "compress_interval=20", "n_transit=44"]
+    cfg = load_config("config/model/ad_dr_compressed.yaml", over)
+    assert torch.softmax(torch.tensor([1.0, -9.0, -0.386]), -1)[2] == pytest.approx(0.2, abs=1e-3)
+    r = boundary_report(UnsureCloser(20, read_context=True), cfg, "test", thresholds=(0.1, 0.3))
+    assert r["threshold"] == 0.0 and r["with_previous"]["recall"] == 0.0  # argmax: never </compress>
+    assert r["sweep"][0.1]["with_previous"] == {"precision": 1.0, "recall": 1.0, "n_true": 10 * 4}  # 4 streams
+    assert r["sweep"][0.3]["with_previous"]["recall"] == 0.0
+    calibrated = boundary_report(UnsureCloser(20, read_context=True), load_config(
+        "config/model/ad_dr_compressed.yaml", [*over, "eval_close_threshold=0.1"]), "test")
+    assert calibrated["with_previous"] == r["sweep"][0.1]["with_previous"] and calibrated["sweep"] == {}
