@@ -118,7 +118,8 @@ def finished(run_dir: Path, steps: int, cfg: dict | None = None) -> bool:
     return True
 
 
-def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[str], jobs: int, env: str) -> None:
+def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[str], jobs: int, env: str) -> int:
+    """Train every (arm, seed) not finished yet; returns how many were trained."""
     from example_compressed_training import run_concurrently, run_stage
 
     steps = load_config(env_configs(env)["standard"], overrides)["train_timesteps"]
@@ -135,11 +136,12 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
     if jobs == 1:
         for name, args, _ in todo:
             run_stage(name, "train.py", args)
-        return
+        return len(todo)
     # the longest first (standard-240 of every seed), so that the two cores stay busy to the end
     cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3}
     todo.sort(key=lambda job: -cost[job[0].split()[1]])
     run_concurrently({name: ("train.py", args, log) for name, args, log in todo}, max_jobs=jobs)
+    return len(todo)
 
 
 # ---- stage 3-4: in-context evaluations (worker processes, one thread each) -------------------------------------------
@@ -172,8 +174,8 @@ def eval_path(root: Path, arm: str, seed: int, split: str, temperature: float, e
     return root / "evals" / f"{arm}-seed{seed}-{split}-T{temperature:g}-e{eval_seed}-n{episodes}.npz"
 
 
-def run_evals(root: Path, specs: list[dict], jobs: int, what: str) -> None:
-    """Evaluate every spec whose .npz is missing (or is of other weights), `jobs` at a time."""
+def run_evals(root: Path, specs: list[dict], jobs: int, what: str) -> int:
+    """Evaluate every spec whose .npz is missing (or is of other weights), `jobs` at a time; returns how many ran."""
     todo = []
     for spec in specs:
         path = Path(spec["path"])
@@ -183,7 +185,7 @@ def run_evals(root: Path, specs: list[dict], jobs: int, what: str) -> None:
         todo.append(spec | {"digest": digest})
     say(f"{what}: {len(specs) - len(todo)} evaluations done before, {len(todo)} to run ({jobs} at a time)")
     if not todo:
-        return
+        return 0
     (root / "evals").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with mp.get_context("fork").Pool(jobs) as pool:
@@ -193,6 +195,7 @@ def run_evals(root: Path, specs: list[dict], jobs: int, what: str) -> None:
             os.replace(tmp, spec["path"])
             say(f"  {i + 1}/{len(todo)} {Path(spec['path']).name}: mean return {out['returns'].mean():.2f} "
                 f"({time.perf_counter() - start:.0f} s)")
+    return len(todo)
 
 
 def eval_spec(root: Path, arm: str, seed: int, split: str, temperature: float, eval_seed: int, episodes: int,
@@ -224,13 +227,14 @@ def load_returns(root: Path, arm: str, seeds: list[int], split: str, temperature
 
 
 def stage_tune(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], temperatures: list[float], episodes: int,
-               eval_overrides: list[str], jobs: int) -> dict[str, float]:
-    """Each arm's eval_temperature: the best mean normalised return on the validation goals (same grid for every arm)."""
+               eval_overrides: list[str], jobs: int) -> tuple[dict[str, float], int]:
+    """Each arm's eval_temperature: the best mean normalised return on the validation goals (same grid for every arm),
+    and how many validation evaluations ran."""
     from env import task_family, task_split
 
     specs = [eval_spec(root, arm, s, "val", t, TUNE_EVAL_SEED, episodes, eval_overrides)
              for arm in arms for s in seeds for t in temperatures]
-    run_evals(root, specs, jobs, "tune on the validation goals")
+    n_run = run_evals(root, specs, jobs, "tune on the validation goals")
     opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in task_split(cfg, "val")], dtype=np.float64)
     chosen, table = {}, {}
     for arm in arms:
@@ -244,7 +248,7 @@ def stage_tune(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[in
             + f" -> T={chosen[arm]:g}")
     (out / "tuning.json").write_text(json.dumps({"temperatures": chosen, "val_scores": {
         a: {f"{t:g}": v for t, v in s.items()} for a, s in table.items()}, "episodes": episodes}, indent=1))
-    return chosen
+    return chosen, n_run
 
 
 # ---- stage 5: the report --------------------------------------------------------------------------------------------
@@ -467,20 +471,24 @@ def main():
 
     stage_collect(train_overrides, args.env, arms)
     t_collect = time.perf_counter() - start
-    stage_train(root, arms, seeds, train_overrides, args.jobs, args.env)
+    n_trained = stage_train(root, arms, seeds, train_overrides, args.jobs, args.env)
     t_train = time.perf_counter() - start - t_collect
     cfg = load_config(configs["standard"], train_overrides)
     report_dir = Path(args.report_dir) if args.report_dir else root
     report_dir.mkdir(parents=True, exist_ok=True)
-    temps = stage_tune(root, report_dir, cfg, arms, seeds, temperatures, args.tune_episodes, eval_overrides, args.jobs)
+    temps, n_tuned = stage_tune(root, report_dir, cfg, arms, seeds, temperatures, args.tune_episodes, eval_overrides, args.jobs)
     specs = [eval_spec(root, a, s, "test", temps[a], e, episodes, eval_overrides)
              for a in arms for s in seeds for e in eval_seeds]
-    run_evals(root, specs, args.jobs, "test evaluation")
+    n_tested = run_evals(root, specs, args.jobs, "test evaluation")
     t_eval = time.perf_counter() - start - t_collect - t_train
     write_report(root, report_dir, cfg, arms, seeds, eval_seeds, temps, episodes, args.reps)
     total = time.perf_counter() - start
-    (report_dir / "timing.json").write_text(json.dumps({"collect_s": t_collect, "train_s": t_train, "evaluate_s": t_eval,
-                                                  "total_s": total}, indent=1))
+    timing = {"collect_s": t_collect, "train_s": t_train, "evaluate_s": t_eval, "total_s": total,
+              "trained_runs": n_trained, "evaluations_run": n_tuned + n_tested}
+    if n_trained or n_tuned + n_tested or not (report_dir / "timing.json").is_file():
+        (report_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+    else:  # a rerun that only rewrote the report: the timing of the run that did the work stays
+        say(f"nothing trained or evaluated: kept {report_dir / 'timing.json'} of the run that did the work")
     print((report_dir / "report.md").read_text())
     say(f"wrote {report_dir / 'report.md'}, report.json, learning_curves.png, aggregates.png in {total:.0f} s "
         f"(collect {t_collect:.0f} s, train {t_train:.0f} s, evaluate {t_eval:.0f} s)")

@@ -69,10 +69,14 @@ def test_study_trains_tunes_evaluates_and_reports(tiny_study):
 
 
 def test_study_rerun_skips_finished_work(tiny_study):
+    timing = tiny_study["root"] / "timing.json"
+    first = json.loads(timing.read_text())
+    assert first["trained_runs"] == 6 and first["evaluations_run"] == 32
     out = run_script("study.py", *tiny_study["args"]).stdout
     assert out.count("skip training") == 6
     assert "tune on the validation goals: 16 evaluations done before, 0 to run" in out
     assert "test evaluation: 16 evaluations done before, 0 to run" in out
+    assert "nothing trained or evaluated: kept" in out and json.loads(timing.read_text()) == first  # the real timings stay
 
 
 def test_study_refuses_a_finished_run_of_another_config(tiny_study):
