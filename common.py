@@ -175,6 +175,8 @@ def validate(cfg: dict) -> dict:
 # except traj_dir: where to find the history file, which probe.py reads)
 EVAL_KEYS = ("eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "eval_seed", "eval_prune",
              "eval_close_threshold")
+# eval keys added after runs may have been trained: a checkpoint (or an evaluation summary) without one used this value
+EVAL_DEFAULTS = {"eval_prune": "model", "eval_close_threshold": 0.0}
 PRUNE_RULES = ("model", "fixed")  # compressed evaluation: close a region when the head says so / every compress_interval
 
 

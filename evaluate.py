@@ -24,7 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import DEFAULT_MODEL_CONFIG, EVAL_KEYS, UserError, apply_overrides, default_run_dir, load_config, run_main
+from common import (
+    DEFAULT_MODEL_CONFIG,
+    EVAL_DEFAULTS,
+    EVAL_KEYS,
+    UserError,
+    apply_overrides,
+    default_run_dir,
+    load_config,
+    run_main,
+)
 from env import SPLITS, BatchEnv, task_family, task_split
 from model import MODEL, ADConfig, weights_digest
 from model.ad import COMPRESS_END, COMPRESS_START, PAD_PREV, STEP, closes_region, encode_prev, encode_state, n_state_ids
@@ -44,7 +53,7 @@ def load_run(run_dir: Path, overrides: list[str], device, allowed: tuple[str, ..
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(ckpt, dict):
             raise TypeError("not a dict")
-        cfg = dict(ckpt["config"])
+        cfg = EVAL_DEFAULTS | dict(ckpt["config"])  # a run trained before an eval key existed evaluates with its default
         model = MODEL[cfg["model"]](ADConfig.from_dict(cfg))
         model.load_state_dict(ckpt["model"])
     except Exception as e:
@@ -313,8 +322,8 @@ def refuse_overwrite(summary_path: Path, new: dict) -> str | None:
         return None  # a cut-off file holds nothing to keep
     if old.get("weights_sha256") != new["weights_sha256"]:
         return None  # an evaluation of older weights is stale: replaced (and said so)
-    changed = [f"{k}={old.get('eval_config', {}).get(k)!r} (now {v!r})" for k, v in new["eval_config"].items()
-               if old.get("eval_config", {}).get(k) != v]
+    was = EVAL_DEFAULTS | old.get("eval_config", {})  # a summary written before an eval key existed used its default
+    changed = [f"{k}={was.get(k)!r} (now {v!r})" for k, v in new["eval_config"].items() if was.get(k) != v]
     if old.get("split") != new["split"]:
         changed.insert(0, f"split={old.get('split')!r} (now {new['split']!r})")
     return ", ".join(changed) or None

@@ -48,6 +48,17 @@ def test_train_then_evaluate(tiny_history, tmp_path, mode):
         assert {"precision_compress_end", "recall_compress_end", "n_closes", "close_steps"} <= set(c)
         assert len(c["close_steps"]) == 16
 
+        # a run (and an evaluation) from before eval_close_threshold existed: evaluated with the default rule, the
+        # same numbers, and its summary is not taken for one of other settings
+        ckpt["config"].pop("eval_close_threshold")
+        torch.save(ckpt, run_dir / "ckpt.pt")
+        old = json.loads((run_dir / "eval_summary.json").read_text())
+        old["eval_config"].pop("eval_close_threshold")
+        (run_dir / "eval_summary.json").write_text(json.dumps(old))
+        run_script("evaluate.py", "--run-dir", str(run_dir))
+        assert np.array_equal(np.load(run_dir / "eval_result.npy"), res)
+        assert json.loads((run_dir / "eval_summary.json").read_text())["eval_config"]["eval_close_threshold"] == 0.0
+
 
 def test_tensorboard_has_the_metrics(tiny_history, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
