@@ -79,6 +79,7 @@ def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_stre
     acc = {k: ([], []) for k in ("with_previous", "first", "baseline_with_previous", "baseline_first")}
     probs = {k: ([], []) for k in ("with_previous", "first")}  # P(</compress>) and truth at the newest region's steps
     closes = {}  # (goal, stream) -> history steps after which the head said </compress> (newest region of each context)
+    by_goal = {}  # goal -> [boundaries found, boundaries] over its regions with a previous region in context
     for g in ds.goals:
         streams = list(range(min(max_streams, ds.data[g]["actions"].shape[1])))
         regions = ds.data[g]["regions"]
@@ -96,6 +97,10 @@ def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_stre
                 closes.setdefault((g, st), []).extend(int(regions[k, 0] + j - last_c[i, 0] - 1)
                                                       for j in np.flatnonzero(pred[i] & newest[i]))
             group = "with_previous" if k > 0 else "first"
+            if k > 0:
+                found = by_goal.setdefault(g, [0, 0])
+                found[0] += int((pred & true).sum())
+                found[1] += int(true.sum())
             for key, p in ((group, pred & newest), (f"baseline_{group}", base)):
                 acc[key][0].append(p.flatten())
                 acc[key][1].append(true.flatten())
@@ -107,8 +112,10 @@ def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_stre
     for thr in thresholds:
         sweep[thr] = {k: _pr(np.concatenate(p) >= thr, np.concatenate(t)) for k, (p, t) in probs.items() if p}
     ends = {g: (ds.data[g]["regions"][:, 1] - 1).tolist() for g in ds.goals}
+    lengths = {g: int(ds.data[g]["regions"][0, 1] - ds.data[g]["regions"][0, 0]) for g in ds.goals}
+    recall_by_goal = {g: (tp / max(n, 1), lengths[g]) for g, (tp, n) in by_goal.items()}
     return out | {"baseline_length": L0, "split": split, "streams_per_goal": max_streams, "closes": closes, "ends": ends,
-                  "threshold": threshold, "sweep": sweep}
+                  "threshold": threshold, "sweep": sweep, "recall_by_goal": recall_by_goal}
 
 
 def plot_boundaries(report: dict, path: Path, n_streams: int = 2) -> Path:
@@ -152,7 +159,10 @@ def main():
     print(f"teacher-forced acc, last region of the {args.split} goals' histories: {np.mean(list(acc.values())):.3f}  per goal "
           + " ".join(f"{g}:{a:.2f}" for g, a in acc.items()))
     if cfg["use_compressed_context"]:
-        thresholds = tuple(float(x) for x in args.thresholds.split(",") if x.strip())
+        try:
+            thresholds = tuple(float(x) for x in args.thresholds.split(",") if x.strip())
+        except ValueError:
+            thresholds = (-1.0,)
         if any(not 0 < t < 1 for t in thresholds):
             raise UserError(f"--thresholds must be probabilities in (0, 1), got {args.thresholds!r}")
         r = boundary_report(model, cfg, args.split, device, thresholds=thresholds)
@@ -162,6 +172,8 @@ def main():
             print(f"teacher-forced </compress> ({rule}), {group.replace('_', ' ')} region ({m['n_true']} regions): "
                   f"precision {m['precision']:.3f} recall {m['recall']:.3f}; position-only rule (close after "
                   f"{r['baseline_length']} steps): precision {b['precision']:.3f} recall {b['recall']:.3f}")
+        print("  recall by goal (its rollout length), regions with a previous region: " + " ".join(
+            f"{g}:{rec:.2f}({n})" for g, (rec, n) in r["recall_by_goal"].items()))
         for thr, m in r["sweep"].items():
             print(f"  had it closed at P(</compress>) >= {thr}: " + "; ".join(
                 f"{g.replace('_', ' ')} precision {v['precision']:.3f} recall {v['recall']:.3f}" for g, v in m.items()))

@@ -77,6 +77,8 @@ def test_boundary_report_separates_reading_the_context_from_counting_positions(a
     # test goals 38 (20 steps: 3 regions after the first per stream) and 51 (10 steps: 7): the rule gets 3 in 10
     assert reader["baseline_with_previous"]["recall"] == pytest.approx(0.3)
     assert counter["with_previous"] == reader["baseline_with_previous"]  # a position counter is the baseline
+    assert reader["recall_by_goal"] == {38: (1.0, 20), 51: (1.0, 10)}
+    assert counter["recall_by_goal"] == {38: (1.0, 20), 51: (0.0, 10)}  # the goal it misses, with its rollout length
     assert counter["first"] == reader["first"] == reader["baseline_first"]  # nothing to read before the first close
     assert reader["first"]["recall"] == pytest.approx(0.5)  # right on goal 38's first region, not on 51's
     # where it closed, in history steps, and the plot of it against PPO's rollout ends
