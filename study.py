@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import CONFIG_DIR, ENV_CONFIGS, ENV_KEYS, UserError, env_configs, load_config, parse_overrides, run_main
+from common import CONFIG_DIR, ENV_CONFIGS, ENV_KEYS, EVAL_KEYS, UserError, env_configs, load_config, parse_overrides, run_main
 
 ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
 OPTIONAL_ARMS = ("compressed-adaptive",)  # Darkroom histories whose rollout length differs by goal (its own file)
@@ -459,6 +459,10 @@ def main():
     root = Path(args.runs_root or ("runs/study" if args.env == "darkroom" else f"runs/study-{args.env}"))
     given = parse_overrides(args.overrides)
     eval_keys = {"eval_streams", "eval_cache", "traj_dir"}
+    fixed_here = sorted(set(given) & set(EVAL_KEYS) - eval_keys - {"eval_episodes"})
+    if fixed_here:  # the study sets these per arm / by tuning; a cached evaluation would silently ignore a new value
+        raise UserError(f"{fixed_here[0]} is set by the study itself (per arm, --temperatures, --eval-seeds), not by an "
+                        "override; evaluate a run with evaluate.py to try another value")
     train_overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() not in {"eval_episodes"}]
     eval_overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() in eval_keys - {"traj_dir"}]
     configs = env_configs(args.env)

@@ -114,3 +114,8 @@ def test_study_refuses_bad_arguments(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--eval-seeds", "0,1000", check=False)
     assert "may not include 1000" in bad.stderr
+    bad = run_script("study.py", "--runs-root", str(tmp_path), "eval_close_threshold=0.1", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip() == (
+        "error: eval_close_threshold is set by the study itself (per arm, --temperatures, --eval-seeds), not by an "
+        "override; evaluate a run with evaluate.py to try another value")
+    assert not any(tmp_path.iterdir())
