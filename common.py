@@ -157,9 +157,9 @@ def validate(cfg: dict) -> dict:
                 f"n_transit={cfg['n_transit']} is too small for {cfg['max_regions']} regions of "
                 f"{cfg['compress_interval']} steps plus markers: set n_transit>={need}"
             )
-    if not 0.0 <= cfg.get("eval_close_threshold", 0.0) < 1.0:
+    if not 0.0 <= cfg.get("eval_close_threshold", EVAL_DEFAULTS["eval_close_threshold"]) < 1.0:
         raise UserError(f"eval_close_threshold must be in [0, 1) (0: the head's argmax), got {cfg['eval_close_threshold']!r}")
-    if cfg.get("eval_prune", "model") not in PRUNE_RULES:
+    if cfg.get("eval_prune", EVAL_DEFAULTS["eval_prune"]) not in PRUNE_RULES:
         raise UserError(f"eval_prune must be one of {', '.join(PRUNE_RULES)}; got {cfg['eval_prune']!r}")
     if "env" in cfg and cfg["env"] not in ENV_CONFIGS:
         raise UserError(f"unknown env {cfg['env']!r}: use one of {', '.join(ENV_CONFIGS)} (config/env/*.yaml)")

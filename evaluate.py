@@ -144,8 +144,8 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
     """Roll out `len(goals) * n_streams` streams for `n_episodes` episodes each, learning in context only."""
     G, H = cfg["grid_size"], cfg["horizon"]
     compressed, n_transit, max_regions = cfg["use_compressed_context"], cfg["n_transit"], cfg["max_regions"]
-    fixed_prune = compressed and cfg.get("eval_prune", "model") == "fixed"
-    threshold = cfg.get("eval_close_threshold", 0.0)
+    fixed_prune = compressed and cfg.get("eval_prune", EVAL_DEFAULTS["eval_prune"]) == "fixed"
+    threshold = cfg.get("eval_close_threshold", EVAL_DEFAULTS["eval_close_threshold"])
     B = len(goals) * n_streams
     env = BatchEnv(cfg, [g for g in goals for _ in range(n_streams)])  # goal-major: stream b plays goals[b // n_streams]
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import EVAL_KEYS, UserError, history_path, run_main
+from common import EVAL_DEFAULTS, EVAL_KEYS, UserError, history_path, run_main
 from dataset import HistoryDataset
 from env import task_split
 from evaluate import load_run, run_in_context, summarize
@@ -75,7 +75,7 @@ def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_stre
 
     ds = HistoryDataset(history_path(cfg), cfg, split, batch_size=1, seed=0)
     L0 = trained_region_length(cfg)
-    threshold = cfg.get("eval_close_threshold", 0.0)
+    threshold = cfg.get("eval_close_threshold", EVAL_DEFAULTS["eval_close_threshold"])
     acc = {k: ([], []) for k in ("with_previous", "first", "baseline_with_previous", "baseline_first")}
     probs = {k: ([], []) for k in ("with_previous", "first")}  # P(</compress>) and truth at the newest region's steps
     closes = {}  # (goal, stream) -> history steps after which the head said </compress> (newest region of each context)
