@@ -6,7 +6,8 @@
 The env (`env` key) decides the tasks (env/registry.py): by default every task of its train/val/test selection;
 `--goals`/`--tasks` name ids or ranges A:B of them (merge_histories.py joins shards). Each goal runs `n_stream`
 parallel streams for `total_source_timesteps` steps each, in PPO rollouts of `n_steps` (or, with a list such as
-`n_steps: [40, 80, 120]`, of a length drawn per goal from (alg_seed, goal), stored in the goal's attrs). A `<compress>`
+`n_steps: [40, 80, 120]`, of a length drawn per goal from (alg_seed, goal), or with `n_steps_per: stream` every length
+in every goal, one PPO learner per length on its share of the streams; stored in the goal's attrs). A `<compress>`
 marker precedes the first step of every PPO rollout and a `</compress>` follows its last (docs/design.md §2). The file is
 built under `<name>.partial` and renamed when complete; a killed run resumes from the goals it finished.
 """
@@ -35,9 +36,9 @@ from common import (
     add_config_args,
     history_path,
     load_config,
-    n_steps_of,
     parse_goals,
     run_main,
+    stream_n_steps,
 )
 from env import selected_tasks, task_family
 from history import FIELDS, FORMAT_VERSION, collect_keys
@@ -82,12 +83,27 @@ class HistoryCallback(BaseCallback):
 
 
 def collect_goal(goal: int, cfg: dict) -> tuple[int, dict, float]:
-    """Run PPO on one goal; returns (goal, history arrays, seconds)."""
+    """Run PPO on one goal; returns (goal, history arrays, seconds). Streams that share a rollout length share one PPO
+    learner: one learner for the goal, or with `n_steps_per: stream` one per length (stream s in learner s % lengths)."""
     torch.set_num_threads(1)  # one core per goal process; parallelism comes from n_process
     start = time.perf_counter()
-    venv = task_family(cfg).vec_env(cfg, cfg["n_stream"], goal)
-    n_steps = n_steps_of(cfg, goal)
-    rollout = n_steps * cfg["n_stream"]
+    per_stream = stream_n_steps(cfg, goal)
+    T, S = cfg["total_source_timesteps"], cfg["n_stream"]
+    data = None
+    for j, n_steps in enumerate(dict.fromkeys(per_stream.tolist())):  # the lengths in order of first stream
+        streams = np.flatnonzero(per_stream == n_steps)
+        part = run_ppo(goal, cfg, int(n_steps), len(streams), seed=cfg["alg_seed"] * 1000 + goal + 1_000_003 * j)
+        if data is None:
+            data = {k: np.zeros((T, S) + v.shape[2:], v.dtype) for k, v in part.items()}
+        for k, v in part.items():
+            data[k][:, streams] = v
+    return goal, data, time.perf_counter() - start
+
+
+def run_ppo(goal: int, cfg: dict, n_steps: int, n_stream: int, seed: int) -> dict:
+    """One SB3 PPO learner on `n_stream` parallel streams of the goal for `total_source_timesteps` steps each."""
+    venv = task_family(cfg).vec_env(cfg, n_stream, goal)
+    rollout = n_steps * n_stream
     model = PPO(
         "MlpPolicy",
         venv,
@@ -100,13 +116,13 @@ def collect_goal(goal: int, cfg: dict) -> tuple[int, dict, float]:
         gae_lambda=cfg["ppo_gae_lambda"],
         clip_range=cfg["ppo_clip_range"],
         policy_kwargs={"net_arch": [cfg["ppo_net_arch"]] * 2},
-        seed=cfg["alg_seed"] * 1000 + goal,
+        seed=seed,
         device="cpu",
     )
-    callback = HistoryCallback(cfg["total_source_timesteps"], cfg["n_stream"])
-    model.learn(total_timesteps=cfg["total_source_timesteps"] * cfg["n_stream"], callback=callback)
+    callback = HistoryCallback(cfg["total_source_timesteps"], n_stream)
+    model.learn(total_timesteps=cfg["total_source_timesteps"] * n_stream, callback=callback)
     assert callback.t == cfg["total_source_timesteps"], "PPO stopped before the history was complete"
-    return goal, callback.data, time.perf_counter() - start
+    return callback.data
 
 
 def _worker(args):
@@ -128,13 +144,24 @@ def region_returns(rewards: np.ndarray, n_steps: int, horizon: int) -> np.ndarra
     return per_region.mean(1) / (n_steps / horizon)
 
 
+def first_last_returns(rewards: np.ndarray, per_stream: np.ndarray, horizon: int) -> tuple[float, float]:
+    """Mean episode return of each stream's first and last PPO rollout, averaged over streams (of any rollout length)."""
+    first = last = 0.0
+    for n in np.unique(per_stream):
+        ret = region_returns(rewards[:, per_stream == n], int(n), horizon)
+        w = float((per_stream == n).mean())
+        first, last = first + w * ret[0], last + w * ret[-1]
+    return first, last
+
+
 def write_goal(f: h5py.File, goal: int, data: dict, cfg: dict) -> None:
     if str(goal) in f:
         del f[str(goal)]
     g = f.create_group(str(goal))
     for name, value in task_family(cfg).attrs(goal, cfg).items():  # e.g. the goal (row, col), or key and door
         g.attrs[name] = value
-    g.attrs["n_steps"] = n_steps_of(cfg, goal)  # this goal's PPO rollout length (one region)
+    per_stream = stream_n_steps(cfg, goal)  # PPO rollout length (one region) of each stream: one int if they share it
+    g.attrs["n_steps"] = per_stream if len(set(per_stream.tolist())) > 1 else int(per_stream[0])
     for name in FIELDS:
         arr = data[name]
         chunks = (min(arr.shape[0], 320), arr.shape[1]) + arr.shape[2:]
@@ -219,9 +246,9 @@ def main():
         for goal, data, secs in results:
             write_goal(f, goal, data, cfg)
             f.flush()
-            ret = region_returns(data["rewards"], n_steps_of(cfg, goal), cfg["horizon"])
+            _, final = first_last_returns(data["rewards"], stream_n_steps(cfg, goal), cfg["horizon"])
             best = family.optimal_return(goal, cfg)
-            bar.set_postfix(goal=goal, final=f"{ret[-1]:.1f}/{best}", s=f"{secs:.1f}")
+            bar.set_postfix(goal=goal, final=f"{final:.1f}/{best}", s=f"{secs:.1f}")
             bar.update()
         bar.close()
         if n_proc > 1:
@@ -231,9 +258,9 @@ def main():
         assert not missing, f"goals missing from the history: {missing}"
         first, last, opt = [], [], []
         for g in goals:
-            ret = region_returns(f[str(g)]["rewards"][:], n_steps_of(cfg, g), cfg["horizon"])
-            first.append(ret[0])
-            last.append(ret[-1])
+            a, b = first_last_returns(f[str(g)]["rewards"][:], stream_n_steps(cfg, g), cfg["horizon"])
+            first.append(a)
+            last.append(b)
             opt.append(family.optimal_return(g, cfg))
     finally:
         f.close()

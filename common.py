@@ -8,6 +8,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent
@@ -33,7 +34,7 @@ SCHEMA: dict[str, type] = {
     "env": str, "grid_size": int, "horizon": int, "env_split_seed": int, "train_env_ratio": float, "n_val_tasks": int,
     "n_train_tasks": int, "n_test_tasks": int,
     # source algorithm / collection
-    "alg": str, "alg_seed": int, "n_steps": (int, list), "n_stream": int, "total_source_timesteps": int,
+    "alg": str, "alg_seed": int, "n_steps": (int, list), "n_steps_per": str, "n_stream": int, "total_source_timesteps": int,
     "ppo_batch_size": int, "ppo_n_epochs": int, "ppo_lr": float, "ppo_ent_coef": float,
     "ppo_gamma": float, "ppo_gae_lambda": float, "ppo_clip_range": float, "ppo_net_arch": int,
     "ppo_observe_stage": bool, "n_process": int, "traj_dir": str,
@@ -127,10 +128,23 @@ def rollout_lengths(cfg: dict) -> list[int]:
     return list(cfg["n_steps"]) if isinstance(cfg["n_steps"], list) else [cfg["n_steps"]]
 
 
+N_STEPS_PER = ("task", "stream")  # with a list of n_steps: one length per task, or every length in every task
+
+
 def n_steps_of(cfg: dict, task: int) -> int:
     """The rollout length of one task: n_steps, or with a list, a draw from it fixed by (alg_seed, task)."""
     lengths = rollout_lengths(cfg)
     return lengths[0] if len(lengths) == 1 else random.Random(cfg["alg_seed"] * 100_003 + task).choice(lengths)
+
+
+def stream_n_steps(cfg: dict, task: int) -> np.ndarray:
+    """The rollout length of each of a task's `n_stream` streams, `[n_stream]`. With `n_steps_per: stream` (and a list of
+    n_steps) stream s runs lengths[s % len(lengths)], by its own PPO learner per length, so every task holds every length
+    and the task cannot tell the model its length; otherwise every stream has the task's `n_steps_of`."""
+    if cfg.get("n_steps_per", "task") == "stream":
+        lengths = rollout_lengths(cfg)
+        return np.array([lengths[s % len(lengths)] for s in range(cfg["n_stream"])], np.int64)
+    return np.full(cfg["n_stream"], n_steps_of(cfg, task), np.int64)
 
 
 def validate(cfg: dict) -> dict:
@@ -141,6 +155,12 @@ def validate(cfg: dict) -> dict:
                 f"total_source_timesteps={cfg['total_source_timesteps']} is not a multiple of n_steps={n}; "
                 "history regions are whole PPO rollouts"
             )
+    per = cfg.get("n_steps_per", "task")
+    if per not in N_STEPS_PER:
+        raise UserError(f"n_steps_per must be one of {', '.join(N_STEPS_PER)}; got {per!r}")
+    if per == "stream" and "n_steps" in cfg and cfg.get("n_stream", 0) < len(rollout_lengths(cfg)):
+        raise UserError(f"n_steps_per=stream runs one PPO learner per n_steps: n_stream={cfg['n_stream']} is fewer than "
+                        f"the {len(rollout_lengths(cfg))} lengths in n_steps; raise n_stream")
     if "d_model" in cfg and "n_head" in cfg and cfg["d_model"] % cfg["n_head"]:
         raise UserError(f"d_model={cfg['d_model']} is not divisible by n_head={cfg['n_head']}")
     if cfg.get("use_compressed_context"):

@@ -56,17 +56,24 @@ def load_history(path: Path, cfg: dict, goals: list[int], need_markers: bool) ->
     return out
 
 
-def region_bounds(cstart: np.ndarray, cend: np.ndarray, path, goal) -> np.ndarray:
-    """Region k spans steps [starts[k], ends[k]] (inclusive) in every stream: from the markers."""
+def region_bounds(cstart: np.ndarray, cend: np.ndarray, path, goal) -> list[np.ndarray]:
+    """Per stream s, `[K_s, 2]` half-open step ranges of its regions, from the markers. Streams of one PPO learner share
+    them (the same array object); with `n_steps_per: stream` learners differ in rollout length, so streams do too."""
     if not cstart.any() or not cend.any():
         raise UserError(f"history file {path} has no compression markers (compress_start/compress_end), which compressed "
                         "mode needs; re-run collect.py")
-    if not ((cstart == cstart[:, :1]).all() and (cend == cend[:, :1]).all()):
-        raise UserError(f"compression markers in {path} goal {goal} differ between streams; re-run collect.py")
-    starts, ends = np.flatnonzero(cstart[:, 0]), np.flatnonzero(cend[:, 0])
-    if len(starts) != len(ends) or starts[0] != 0 or (starts[1:] != ends[:-1] + 1).any() or ends[-1] != len(cstart) - 1:
-        raise UserError(f"compression markers in {path} goal {goal} do not tile the history; re-run collect.py")
-    return np.stack([starts, ends + 1], 1)  # [K, 2] half-open
+    seen, out = {}, []
+    for s in range(cstart.shape[1]):
+        key = (cstart[:, s].tobytes(), cend[:, s].tobytes())
+        if key not in seen:
+            starts, ends = np.flatnonzero(cstart[:, s]), np.flatnonzero(cend[:, s])
+            if (len(starts) != len(ends) or not len(starts) or starts[0] != 0 or (starts[1:] != ends[:-1] + 1).any()
+                    or ends[-1] != len(cstart) - 1):
+                raise UserError(f"compression markers in {path} goal {goal} stream {s} do not tile the history; "
+                                "re-run collect.py")
+            seen[key] = np.stack([starts, ends + 1], 1)
+        out.append(seen[key])
+    return out
 
 
 class HistoryDataset(IterableDataset):
@@ -79,11 +86,10 @@ class HistoryDataset(IterableDataset):
             raise UserError(f"history file {path} holds none of the {split} goals; collect all goals (no --goals)")
         self.goals = sorted(self.data)
         self.n_transit, self.batch_size, self.max_regions = cfg["n_transit"], batch_size, cfg["max_regions"]
-        self.n_steps = cfg["n_steps"]
         self.seed, self.rank, self.step = seed, rank, start_step
         self.pad_state = n_state_ids(cfg["grid_size"]) - 1
         if self.compressed:  # regions may differ in length between goals (n_steps drawn per goal): size for the longest
-            longest = max(int((d["regions"][:, 1] - d["regions"][:, 0]).max()) for d in self.data.values())
+            longest = max(int((r[:, 1] - r[:, 0]).max()) for d in self.data.values() for r in d["regions"])
             need = self.max_regions * (longest + 2) - 1
             if need > self.n_transit:
                 raise UserError(f"n_transit={self.n_transit} is too small for {self.max_regions} regions of {longest} steps "
@@ -103,7 +109,7 @@ class HistoryDataset(IterableDataset):
             d = self.data[self.goals[gi]]
             stream = rng.integers(d["actions"].shape[1])
             if self.compressed:
-                end = self._compressed_sample(b, i, d, stream, rng.integers(len(d["regions"])))
+                end = self._compressed_sample(b, i, d, stream, rng.integers(len(d["regions"][stream])))
             else:
                 end = self._standard_sample(b, i, d, stream, rng)
             length = max(length, end)
@@ -120,15 +126,17 @@ class HistoryDataset(IterableDataset):
         b, length = self._empty(S), 0
         for s in range(S):
             if self.compressed:
-                length = self._compressed_sample(b, s, d, s, len(d["regions"]) - 1)
+                length = self._compressed_sample(b, s, d, s, len(d["regions"][s]) - 1)
             else:
                 length = self._put_steps(b, s, 0, d, s, max(T - self.n_transit, 0), T)
         idx = np.arange(length)[None]
         if self.compressed:  # after the last <compress>
             last_c = np.where(b["type_ids"][:, :length] == COMPRESS_START, idx, -1).max(1, keepdims=True)
             in_last = idx > last_c
-        else:
-            in_last = idx >= length - self.n_steps
+        else:  # the window ends at the history's end; the last rollout starts after the stream's next-to-last </compress>
+            ends = [np.flatnonzero(d["compress_end"][:, s]) for s in range(S)]
+            last_start = np.array([e[-2] + 1 if len(e) > 1 else 0 for e in ends])[:, None]
+            in_last = idx >= length - (T - last_start)
         out = self._trim(b, length)
         out["in_last"] = torch.from_numpy(in_last & (out["target_action"].numpy() != IGNORE))
         return out
@@ -178,7 +186,7 @@ class HistoryDataset(IterableDataset):
     def _compressed_sample(self, b, i, d, stream, k):
         """`C r_{k-m+1} E ... E C r_k` with m = min(max_regions, k + 1): the newest region k and the closed regions before
         it that evaluation would still keep (the `_get_compressed_context_sample` of the docs, for any max_regions)."""
-        regions, at = d["regions"], 0
+        regions, at = d["regions"][stream], 0
         first = max(0, k - self.max_regions + 1)
         for j, r in enumerate(range(first, k + 1)):
             b["type_ids"][i, at] = COMPRESS_START

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
+import numpy as np
 import yaml
 
 from common import UserError
@@ -15,11 +16,12 @@ FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_star
 # every collection key that changes what is in the file; the file stores them (attrs["collect_keys"]) and a config
 # that differs on any of them is refused: a smoke collection at the default path is not the real dataset
 COLLECT_KEYS = (
-    "env", "grid_size", "horizon", "alg", "alg_seed", "n_steps", "n_stream", "total_source_timesteps",
+    "env", "grid_size", "horizon", "alg", "alg_seed", "n_steps", "n_steps_per", "n_stream", "total_source_timesteps",
     "ppo_batch_size", "ppo_n_epochs", "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda",
     "ppo_clip_range", "ppo_net_arch", "ppo_observe_stage",
 )
-COLLECT_DEFAULTS = {"ppo_observe_stage": False}  # keys a config (and a file written before they existed) may leave out
+# keys a config (and a file written before they existed) may leave out
+COLLECT_DEFAULTS = {"ppo_observe_stage": False, "n_steps_per": "task"}
 
 
 def collect_keys(cfg: dict) -> dict:
@@ -60,6 +62,13 @@ def check_history(f: h5py.File, path: str | Path, cfg: dict) -> None:
         said = ", ".join(f"{k}={old!r} (config: {new!r})" for k, (old, new) in diff.items())
         raise UserError(f"history file {path} was collected with {said}; collect this config's history "
                         f"(`python collect.py --force` with the same keys, or traj_dir= for another file) or set those keys")
+
+
+def stream_n_steps(group: h5py.Group) -> np.ndarray:
+    """The PPO rollout length of each stream of one goal's group, `[S]`: collect.py stores one integer when every stream
+    shares it, one per stream otherwise (`n_steps_per: stream`)."""
+    n = np.asarray(group.attrs["n_steps"], np.int64)
+    return np.broadcast_to(n, (group["actions"].shape[1],)).copy() if n.ndim == 0 else n
 
 
 def complete_goals(f: h5py.File) -> set[int]:

@@ -52,14 +52,15 @@ def _pr(pred: np.ndarray, true: np.ndarray) -> dict:
 
 def trained_region_length(cfg: dict) -> int:
     """The most common region length among the training goals' histories (what a position-only rule would use)."""
-    from history import open_history
+    from history import open_history, stream_n_steps
 
     counts: dict[int, int] = {}
     with open_history(history_path(cfg)) as f:
         for g in task_split(cfg, "train"):
             if str(g) in f:
-                n = int(f[str(g)].attrs["n_steps"])
-                counts[n] = counts.get(n, 0) + f[str(g)]["actions"].shape[0] // n
+                T = f[str(g)]["actions"].shape[0]
+                for n in stream_n_steps(f[str(g)]).tolist():  # every stream's regions
+                    counts[n] = counts.get(n, 0) + T // n
     return max(counts, key=lambda n: (counts[n], -n))
 
 
@@ -79,41 +80,45 @@ def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_stre
     acc = {k: ([], []) for k in ("with_previous", "first", "baseline_with_previous", "baseline_first")}
     probs = {k: ([], []) for k in ("with_previous", "first")}  # P(</compress>) and truth at the newest region's steps
     closes = {}  # (goal, stream) -> history steps after which the head said </compress> (newest region of each context)
-    by_goal = {}  # goal -> [boundaries found, boundaries] over its regions with a previous region in context
+    by_length = {}  # (goal, rollout length) -> [boundaries found, boundaries] over regions with a previous region in context
     for g in ds.goals:
         streams = list(range(min(max_streams, ds.data[g]["actions"].shape[1])))
-        regions = ds.data[g]["regions"]
-        for k in range(len(regions)):
-            b = ds.region_contexts(g, streams, k)
-            logits = model(b)["logits_token_type"]
-            pred = closes_region(logits, threshold).numpy()
-            tt = b["target_token_type"].numpy()
-            idx = np.arange(tt.shape[1])[None]
-            last_c = np.where(b["type_ids"].numpy() == COMPRESS_START, idx, -1).max(1, keepdims=True)
-            newest = (idx > last_c) & (tt != IGNORE)
-            true = newest & (tt == COMPRESS_END)
-            base = newest & (idx - last_c == L0)  # the L0-th step of the newest region
-            for i, st in enumerate(streams):
-                closes.setdefault((g, st), []).extend(int(regions[k, 0] + j - last_c[i, 0] - 1)
-                                                      for j in np.flatnonzero(pred[i] & newest[i]))
-            group = "with_previous" if k > 0 else "first"
-            if k > 0:
-                found = by_goal.setdefault(g, [0, 0])
-                found[0] += int((pred & true).sum())
-                found[1] += int(true.sum())
-            for key, p in ((group, pred & newest), (f"baseline_{group}", base)):
-                acc[key][0].append(p.flatten())
-                acc[key][1].append(true.flatten())
-            if thresholds:
-                probs[group][0].append(torch.softmax(logits.float(), -1)[..., COMPRESS_END].numpy()[newest])
-                probs[group][1].append(true[newest])
+        learners = {}  # streams that share their regions (one PPO learner), read in one batch per region
+        for st in streams:
+            learners.setdefault(id(ds.data[g]["regions"][st]), []).append(st)
+        for group_streams in learners.values():
+            regions = ds.data[g]["regions"][group_streams[0]]
+            n_steps = int(regions[0, 1] - regions[0, 0])
+            for k in range(len(regions)):
+                b = ds.region_contexts(g, group_streams, k)
+                logits = model(b)["logits_token_type"]
+                pred = closes_region(logits, threshold).numpy()
+                tt = b["target_token_type"].numpy()
+                idx = np.arange(tt.shape[1])[None]
+                last_c = np.where(b["type_ids"].numpy() == COMPRESS_START, idx, -1).max(1, keepdims=True)
+                newest = (idx > last_c) & (tt != IGNORE)
+                true = newest & (tt == COMPRESS_END)
+                base = newest & (idx - last_c == L0)  # the L0-th step of the newest region
+                for i, st in enumerate(group_streams):
+                    closes.setdefault((g, st), []).extend(int(regions[k, 0] + j - last_c[i, 0] - 1)
+                                                          for j in np.flatnonzero(pred[i] & newest[i]))
+                group = "with_previous" if k > 0 else "first"
+                if k > 0:
+                    found = by_length.setdefault((g, n_steps), [0, 0])
+                    found[0] += int((pred & true).sum())
+                    found[1] += int(true.sum())
+                for key, p in ((group, pred & newest), (f"baseline_{group}", base)):
+                    acc[key][0].append(p.flatten())
+                    acc[key][1].append(true.flatten())
+                if thresholds:
+                    probs[group][0].append(torch.softmax(logits.float(), -1)[..., COMPRESS_END].numpy()[newest])
+                    probs[group][1].append(true[newest])
     out = {k: _pr(np.concatenate(p), np.concatenate(t)) for k, (p, t) in acc.items() if p}
     sweep = {}
     for thr in thresholds:
         sweep[thr] = {k: _pr(np.concatenate(p) >= thr, np.concatenate(t)) for k, (p, t) in probs.items() if p}
-    ends = {g: (ds.data[g]["regions"][:, 1] - 1).tolist() for g in ds.goals}
-    lengths = {g: int(ds.data[g]["regions"][0, 1] - ds.data[g]["regions"][0, 0]) for g in ds.goals}
-    recall_by_goal = {g: (tp / max(n, 1), lengths[g]) for g, (tp, n) in by_goal.items()}
+    ends = {key: (ds.data[key[0]]["regions"][key[1]][:, 1] - 1).tolist() for key in closes}
+    recall_by_goal = {key: tp / max(n, 1) for key, (tp, n) in by_length.items()}
     return out | {"baseline_length": L0, "split": split, "streams_per_goal": max_streams, "closes": closes, "ends": ends,
                   "threshold": threshold, "sweep": sweep, "recall_by_goal": recall_by_goal}
 
@@ -127,7 +132,7 @@ def plot_boundaries(report: dict, path: Path, n_streams: int = 2) -> Path:
     keys = [key for key in sorted(report["closes"]) if key[1] < n_streams]
     fig, axes = plt.subplots(len(keys), 1, figsize=(10, 0.9 * len(keys) + 1), sharex=True, squeeze=False)
     for ax, (g, st) in zip(axes[:, 0], keys, strict=True):
-        ends = report["ends"][g]
+        ends = report["ends"][g, st]
         ax.vlines(ends, 0, 1, color="tab:gray", linewidth=2, alpha=0.6, label="PPO rollout ended")
         ax.plot(report["closes"][g, st], [0.5] * len(report["closes"][g, st]), "v", color="tab:red", markersize=6,
                 label="model said </compress>")
@@ -172,8 +177,13 @@ def main():
             print(f"teacher-forced </compress> ({rule}), {group.replace('_', ' ')} region ({m['n_true']} regions): "
                   f"precision {m['precision']:.3f} recall {m['recall']:.3f}; position-only rule (close after "
                   f"{r['baseline_length']} steps): precision {b['precision']:.3f} recall {b['recall']:.3f}")
-        print("  recall by goal (its rollout length), regions with a previous region: " + " ".join(
-            f"{g}:{rec:.2f}({n})" for g, (rec, n) in r["recall_by_goal"].items()))
+        print("  recall by goal (rollout length), regions with a previous region: " + " ".join(
+            f"{g}({n}):{rec:.2f}" for (g, n), rec in r["recall_by_goal"].items()))
+        by_n = {}
+        for (_, n), rec in r["recall_by_goal"].items():
+            by_n.setdefault(n, []).append(rec)
+        print("  recall by rollout length (mean over goals): " + " ".join(
+            f"{n}:{np.mean(v):.3f}" for n, v in sorted(by_n.items())))
         for thr, m in r["sweep"].items():
             print(f"  had it closed at P(</compress>) >= {thr}: " + "; ".join(
                 f"{g.replace('_', ' ')} precision {v['precision']:.3f} recall {v['recall']:.3f}" for g, v in m.items()))

@@ -37,7 +37,7 @@ import yaml
 from common import CONFIG_DIR, ENV_CONFIGS, ENV_KEYS, EVAL_KEYS, UserError, env_configs, load_config, parse_overrides, run_main
 
 ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
-OPTIONAL_ARMS = ("compressed-adaptive",)  # Darkroom histories whose rollout length differs by goal (its own file)
+OPTIONAL_ARMS = ("compressed-adaptive",)  # Darkroom histories whose rollout length differs by stream (its own file)
 TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive, extra overrides from its n_steps);
     # compressed-fixed reuses compressed
     "standard-240": ("standard", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}"]),
@@ -48,7 +48,7 @@ TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive,
 CHECKPOINT_OF = {"standard-240": "standard-240", "standard-160": "standard-160", "compressed": "compressed",
                  "compressed-fixed": "compressed", "compressed-adaptive": "compressed-adaptive"}
 EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model"}
-ADAPTIVE = {"collect": CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive.yaml",
+ADAPTIVE = {"collect": CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive_streams.yaml",
             "model": CONFIG_DIR / "model" / "ad_dr_adaptive.yaml"}
 TUNE_EVAL_SEED = 1000  # validation rollouts use their own sampling seed, never one of the test evaluation seeds
 COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": "tab:green", "compressed-fixed": "tab:olive",

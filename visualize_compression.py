@@ -25,7 +25,7 @@ import yaml
 
 from common import DEFAULT_COLLECT_CONFIG, UserError, add_config_args, history_path, load_config, run_main
 from compare import pyplot, task_label
-from history import open_history
+from history import open_history, stream_n_steps
 
 ACTION_NAMES = ("row+1", "row-1", "col+1", "col-1", "stay")  # docs/design.md §1
 REGION_SHADES = ("#c8e6c9", "#a5d6a7")  # alternating greens, so neighbouring regions stay apart
@@ -70,7 +70,7 @@ def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Pat
         d = {k: g[k][:n, stream] for k in ("states", "actions", "rewards", "dones", "compress_start", "compress_end")}
         # where the task's hidden cells are (collect.py's group attrs): the goal, or the key and the door
         marks = {k: tuple(int(x) for x in g.attrs[k]) for k in ("goal", "key", "door") if k in g.attrs}
-        horizon, n_steps = int(f.attrs["horizon"]), int(g.attrs["n_steps"])
+        horizon, n_steps = int(f.attrs["horizon"]), int(stream_n_steps(g)[stream])
     if max_steps > T:
         print(f"note: the stream has {T} steps; plotting all of them")
     bounds = regions(d["compress_start"], d["compress_end"])

@@ -52,3 +52,15 @@ def adaptive_history(tmp_path_factory) -> dict:
     over += ["n_steps=[10, 20]", "ppo_batch_size=20", f"traj_dir={traj_dir}"]
     run_script("collect.py", "--goals", "0,1,2,3,12,38,51", *over)
     return {"path": traj_dir / "history_darkroom_PPO_alg-seed42.hdf5", "overrides": over}
+
+
+@pytest.fixture(scope="session")
+def stream_history(tmp_path_factory) -> dict:
+    """A tiny history in which every goal holds both rollout lengths: `n_steps_per=stream` with n_steps [10, 20] runs
+    streams 0 and 2 in a 10-step PPO learner, streams 1 and 3 in a 20-step one (80 steps: 8 or 4 regions). Train goals
+    0 and 1, validation goal 12, test goals 38 and 51."""
+    traj_dir = tmp_path_factory.mktemp("stream_lengths")
+    over = [o for o in TINY_COLLECT if not o.startswith(("n_steps", "ppo_batch_size"))]
+    over += ["n_steps=[10, 20]", "n_steps_per=stream", "ppo_batch_size=20", f"traj_dir={traj_dir}"]
+    run_script("collect.py", "--goals", TINY_GOALS, *over)
+    return {"path": traj_dir / "history_darkroom_PPO_alg-seed42.hdf5", "overrides": over}

@@ -1,5 +1,6 @@
 import h5py
 import numpy as np
+import pytest
 import yaml
 
 from env import Darkroom, goal_to_pos
@@ -97,3 +98,45 @@ def test_adaptive_history_replays_and_samples_regions_of_each_goals_length(adapt
         seen.add(lens[0])
     assert seen == {10, 20}  # a batch mixes goals of both lengths: the close position varies between samples
     assert {n_of[g] for g in ds.goals} == {10, 20}
+
+
+def test_rollout_length_per_stream_marks_each_stream_on_its_own_grid_and_replays(stream_history):
+    """`n_steps_per=stream`: every goal holds every length, one PPO learner per length; each stream's markers follow its
+    own learner's rollouts, the file records the length of every stream, and every stream replays through the env."""
+    from common import load_config, stream_n_steps
+    from history import stream_n_steps as file_stream_n_steps
+
+    cfg = load_config("config/algorithm/ppo_darkroom.yaml", stream_history["overrides"])
+    assert stream_n_steps(cfg, 0).tolist() == [10, 20, 10, 20]
+    t = np.arange(80)
+    with h5py.File(stream_history["path"], "r") as f:
+        assert yaml.safe_load(f.attrs["collect_keys"])["n_steps_per"] == "stream"
+        for key in f:
+            g = f[key]
+            assert g.attrs["n_steps"].tolist() == [10, 20, 10, 20] == file_stream_n_steps(g).tolist()
+            for s, n in enumerate((10, 20, 10, 20)):
+                assert (g["compress_start"][:, s] == (t % n == 0)).all()
+                assert (g["compress_end"][:, s] == (t % n == n - 1)).all()
+            env, d = Darkroom(goal=int(key)), {k: g[k][:] for k in ("states", "actions", "rewards", "dones")}
+            for s in range(4):
+                obs, _ = env.reset()
+                for step in range(80):
+                    assert (d["states"][step, s] == obs).all()
+                    obs, r, _, trunc, _ = env.step(int(d["actions"][step, s]))
+                    assert d["rewards"][step, s] == r and d["dones"][step, s] == trunc
+                    if trunc:
+                        obs, _ = env.reset()
+    with h5py.File(stream_history["path"].with_name("per_task.hdf5"), "w") as f:  # one length per goal: an int attr
+        f.create_group("0").create_dataset("actions", data=np.zeros((80, 3), np.int8))
+        f["0"].attrs["n_steps"] = 20
+        assert file_stream_n_steps(f["0"]).tolist() == [20, 20, 20]
+
+
+def test_rollout_length_per_stream_needs_a_stream_per_length():
+    from common import UserError, load_config
+
+    with pytest.raises(UserError, match="n_steps_per must be one of task, stream"):
+        load_config("config/algorithm/ppo_darkroom.yaml", ["n_steps=[10, 20]", "n_steps_per=goal"])
+    with pytest.raises(UserError, match="n_stream=2 is fewer than the 3 lengths"):
+        load_config("config/algorithm/ppo_darkroom.yaml", ["n_steps=[10, 20, 40]", "n_steps_per=stream", "n_stream=2",
+                                                           "total_source_timesteps=80"])

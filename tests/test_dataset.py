@@ -177,3 +177,53 @@ def test_batch_is_trimmed_to_its_longest_sample_without_changing_outputs(tiny_hi
             a, f = model(b), model(full)
         torch.testing.assert_close(a["logits_action"], f["logits_action"][:, :L])
         torch.testing.assert_close(a["loss"], f["loss"])
+
+
+def test_streams_of_one_goal_with_unequal_regions(stream_history):
+    """With a rollout length per stream (10 or 20 steps within every goal) each sample's regions are its own stream's,
+    every region closes at its own end, a batch holds both lengths from the same goal, and the last-rollout mask of the
+    standard mode's final contexts covers each stream's own last rollout."""
+    cfg = load_config("config/model/ad_dr_compressed.yaml", [*stream_history["overrides"], "compress_interval=20",
+                                                             "n_transit=44"])
+    ds = HistoryDataset(stream_history["path"], cfg, "train", batch_size=64, seed=0)
+    for g in ds.goals:
+        assert [len(r) for r in ds.data[g]["regions"]] == [8, 4, 8, 4]
+        assert ds.data[g]["regions"][0] is ds.data[g]["regions"][2]  # one learner's streams share their region table
+    b = ds.batch(0)
+    by_goal = {}
+    for i in range(64):
+        types, tt = b["type_ids"][i], b["target_token_type"][i]
+        n = int(b["n_regions"][i])
+        lens = b["region_lens"][i, :n].tolist()
+        assert len(set(lens)) == 1 and lens[0] in (10, 20)
+        assert (types == COMPRESS_START).sum() == n and (types == COMPRESS_END).sum() == n - 1
+        steps = (tt != IGNORE).nonzero().flatten()
+        assert len(steps) == n * lens[0]
+        assert (tt[steps] == COMPRESS_END).nonzero().flatten().tolist() == [lens[0] * j + lens[0] - 1 for j in range(n)]
+        hits = [g for g in ds.goals for s in range(4) if any(
+            (ds.data[g]["actions"][t0 : t0 + len(steps), s] == b["target_action"][i, steps].numpy()).all()
+            and (ds.data[g]["state_ids"][t0 : t0 + len(steps), s] == b["state_ids"][i, steps].numpy()).all()
+            and (s % 2 == (lens[0] == 20)) for t0 in range(0, 80 - len(steps) + 1, lens[0]))]
+        assert hits, f"sample {i} is not consecutive regions of a stream with {lens[0]}-step rollouts"
+        by_goal.setdefault(hits[0], set()).add(lens[0])
+    assert any(v == {10, 20} for v in by_goal.values())  # one goal, both lengths: the goal does not give the length
+    final = ds.final_contexts(0)
+    assert (final["type_ids"] == COMPRESS_START).sum(1).tolist() == [2, 2, 2, 2]
+    assert (final["in_last"].sum(1)).tolist() == [10, 20, 10, 20]
+    std = HistoryDataset(stream_history["path"], load_config("config/model/ad_dr.yaml", [*stream_history["overrides"],
+                         "n_transit=40", "compress_interval=20"]), "train", batch_size=4, seed=0)
+    assert std.final_contexts(0)["in_last"].sum(1).tolist() == [10, 20, 10, 20]
+
+
+def test_region_markers_that_do_not_tile_a_stream_are_refused():
+    from common import UserError
+    from dataset import region_bounds
+
+    cstart, cend = np.zeros((40, 2), bool), np.zeros((40, 2), bool)
+    cstart[[0, 20], 0], cend[[19, 39], 0] = True, True  # stream 0: two regions of 20
+    cstart[[0, 10, 20, 30], 1], cend[[9, 19, 29, 39], 1] = True, True  # stream 1: four regions of 10
+    assert [r.tolist() for r in region_bounds(cstart, cend, "h.hdf5", 5)] == [[[0, 20], [20, 40]],
+                                                                              [[0, 10], [10, 20], [20, 30], [30, 40]]]
+    cend[29, 1] = False
+    with pytest.raises(UserError, match="goal 5 stream 1 do not tile the history"):
+        region_bounds(cstart, cend, "h.hdf5", 5)

@@ -77,12 +77,12 @@ def test_boundary_report_separates_reading_the_context_from_counting_positions(a
     # test goals 38 (20 steps: 3 regions after the first per stream) and 51 (10 steps: 7): the rule gets 3 in 10
     assert reader["baseline_with_previous"]["recall"] == pytest.approx(0.3)
     assert counter["with_previous"] == reader["baseline_with_previous"]  # a position counter is the baseline
-    assert reader["recall_by_goal"] == {38: (1.0, 20), 51: (1.0, 10)}
-    assert counter["recall_by_goal"] == {38: (1.0, 20), 51: (0.0, 10)}  # the goal it misses, with its rollout length
+    assert reader["recall_by_goal"] == {(38, 20): 1.0, (51, 10): 1.0}
+    assert counter["recall_by_goal"] == {(38, 20): 1.0, (51, 10): 0.0}  # the goal it misses, with its rollout length
     assert counter["first"] == reader["first"] == reader["baseline_first"]  # nothing to read before the first close
     assert reader["first"]["recall"] == pytest.approx(0.5)  # right on goal 38's first region, not on 51's
     # where it closed, in history steps, and the plot of it against PPO's rollout ends
-    assert reader["ends"][38] == [19, 39, 59, 79] and reader["ends"][51] == list(range(9, 80, 10))
+    assert reader["ends"][38, 0] == [19, 39, 59, 79] and reader["ends"][51, 1] == list(range(9, 80, 10))
     assert reader["closes"][38, 0] == [19, 39, 59, 79]  # every boundary of the 20-step goal
     assert reader["closes"][51, 0] == list(range(19, 80, 10))  # all but the first of the 10-step goal's
 
@@ -123,3 +123,24 @@ def test_close_threshold_sweep_and_rule(adaptive_history):
     calibrated = boundary_report(UnsureCloser(20, read_context=True), load_config(
         "config/model/ad_dr_compressed.yaml", [*over, "eval_close_threshold=0.1"]), "test")
     assert calibrated["with_previous"] == r["sweep"][0.1]["with_previous"] and calibrated["sweep"] == {}
+
+
+def test_boundary_report_with_every_length_in_every_goal(stream_history):
+    """Streams of one goal with 10- and 20-step rollouts (`n_steps_per=stream`): the goal cannot tell the length, only
+    the previous region can. The position-only rule (the commonest trained length, 10) misses every 20-step stream's
+    boundaries; the reader finds all of them; recall is reported per (goal, rollout length)."""
+    from probe import boundary_report, trained_region_length
+
+    cfg = load_config("config/model/ad_dr_compressed.yaml", [*stream_history["overrides"], "compress_interval=20",
+                                                             "n_transit=44"])
+    assert trained_region_length(cfg) == 10  # 2 goals x 2 streams x 8 regions of 10 vs 2 x 2 x 4 of 20
+    reader = boundary_report(ScriptedCloser(10, read_context=True), cfg, "test")
+    counter = boundary_report(ScriptedCloser(10, read_context=False), cfg, "test")
+    assert reader["with_previous"]["precision"] == reader["with_previous"]["recall"] == 1.0
+    # per test goal: 2 streams x 7 later regions of 10 steps, 2 x 3 of 20: the rule gets 28 of 40
+    assert reader["with_previous"]["n_true"] == 40 and reader["baseline_with_previous"]["recall"] == pytest.approx(0.7)
+    assert counter["with_previous"] == reader["baseline_with_previous"]
+    assert reader["recall_by_goal"] == {(38, 10): 1.0, (38, 20): 1.0, (51, 10): 1.0, (51, 20): 1.0}
+    assert counter["recall_by_goal"] == {(38, 10): 1.0, (38, 20): 0.0, (51, 10): 1.0, (51, 20): 0.0}
+    assert reader["ends"][38, 0] == list(range(9, 80, 10)) and reader["ends"][38, 1] == [19, 39, 59, 79]
+    assert reader["closes"][38, 1] == [9, 39, 59, 79]  # a first region closed too early (nothing to read), then right
