@@ -14,6 +14,9 @@
    n_steps for every task the baseline is perfect too; with n_steps drawn per task (config/model/ad_dr_adaptive.yaml)
    only a model that reads the previous region's length can beat it.
 3. With `--episodes N`: `evaluate.run_in_context` on the held-out goals for N episodes (nothing is written).
+`--histories CONFIG` reads the held-out histories of another collection config of the same env (e.g. a model trained on
+one rollout length per goal, probed on histories with every length in every goal); the position-only rule keeps the
+length of the run's own training histories.
 Held-out goals are the validation goals unless `--split test` (tuning decisions are made on validation goals).
 """
 
@@ -66,15 +69,17 @@ def trained_region_length(cfg: dict) -> int:
 
 @torch.no_grad()
 def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_streams: int = 20,
-                    thresholds: tuple[float, ...] = ()) -> dict:
+                    thresholds: tuple[float, ...] = (), histories: dict | None = None) -> dict:
     """Teacher-forced `</compress>` precision / recall at the step tokens of the newest region of every training-style
     context of the held-out histories, for regions with a previous region in context and for first regions, with the
     config's close rule (`eval_close_threshold`, as evaluate.py applies it); the same for the position-only rule that
     closes after `trained_region_length` steps; and, for each of `thresholds`, the model's precision / recall had it
-    closed at P(</compress>) >= that threshold (`sweep`: how to choose eval_close_threshold on validation tasks)."""
+    closed at P(</compress>) >= that threshold (`sweep`: how to choose eval_close_threshold on validation tasks).
+    `histories`: the config to read held-out histories with instead of `cfg` (`with_histories`)."""
     from model.ad import COMPRESS_END, COMPRESS_START, closes_region
 
-    ds = HistoryDataset(history_path(cfg), cfg, split, batch_size=1, seed=0)
+    hcfg = histories or cfg
+    ds = HistoryDataset(history_path(hcfg), hcfg, split, batch_size=1, seed=0)
     L0 = trained_region_length(cfg)
     threshold = cfg.get("eval_close_threshold", EVAL_DEFAULTS["eval_close_threshold"])
     acc = {k: ([], []) for k in ("with_previous", "first", "baseline_with_previous", "baseline_first")}
@@ -123,6 +128,23 @@ def boundary_report(model, cfg: dict, split: str = "val", device="cpu", max_stre
                   "threshold": threshold, "sweep": sweep, "recall_by_goal": recall_by_goal}
 
 
+def with_histories(cfg: dict, config: str) -> dict:
+    """The run's config reading the history file of another collection config (`--histories`): the same env, task
+    split and horizon, rollouts no longer than the run's compress_interval."""
+    from common import ENV_KEYS, load_config, rollout_lengths
+    from history import COLLECT_KEYS
+
+    other = load_config(config)
+    differ = [k for k in ENV_KEYS if cfg.get(k) != other.get(k)]
+    if differ:
+        raise UserError(f"--histories {config} is another task set ({differ[0]}={other.get(differ[0])!r}, the run's "
+                        f"{cfg.get(differ[0])!r}); pass a collection config of the run's env")
+    if cfg["use_compressed_context"] and max(rollout_lengths(other)) > cfg["compress_interval"]:
+        raise UserError(f"--histories {config} has rollouts of {max(rollout_lengths(other))} steps, longer than the run's "
+                        f"compress_interval={cfg['compress_interval']}; pass one with shorter rollouts")
+    return cfg | {k: other[k] for k in (*COLLECT_KEYS, "traj_dir") if k in other}
+
+
 def plot_boundaries(report: dict, path: Path, n_streams: int = 2) -> Path:
     """For a few held-out streams: where PPO's rollouts ended (the true </compress>) and where the model, reading the
     history teacher-forced, said </compress>; one row per stream."""
@@ -156,11 +178,16 @@ def main():
     parser.add_argument("--thresholds", default="", help="compressed mode: also report teacher-forced </compress> precision / "
                         "recall had the head closed at P(</compress>) >= each of these (e.g. 0.5,0.3,0.2,0.1)")
     parser.add_argument("--plot", default=None, help="compressed mode: write the </compress> vs PPO-rollout-end plot here")
+    parser.add_argument("--histories", default=None, help="collection config whose held-out histories to read (same env; "
+                        "default: the run's own)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"{', '.join(EVAL_KEYS)}, traj_dir")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_run(Path(args.run_dir), args.overrides, device, allowed=(*EVAL_KEYS, "traj_dir"))
-    acc = last_region_accuracy(model, cfg, args.split, device)
+    hcfg = with_histories(cfg, args.histories) if args.histories else cfg
+    if args.histories:
+        print(f"held-out histories: {history_path(hcfg)}")
+    acc = last_region_accuracy(model, hcfg, args.split, device)
     print(f"teacher-forced acc, last region of the {args.split} goals' histories: {np.mean(list(acc.values())):.3f}  per goal "
           + " ".join(f"{g}:{a:.2f}" for g, a in acc.items()))
     if cfg["use_compressed_context"]:
@@ -170,7 +197,7 @@ def main():
             thresholds = (-1.0,)
         if any(not 0 < t < 1 for t in thresholds):
             raise UserError(f"--thresholds must be probabilities in (0, 1), got {args.thresholds!r}")
-        r = boundary_report(model, cfg, args.split, device, thresholds=thresholds)
+        r = boundary_report(model, cfg, args.split, device, thresholds=thresholds, histories=hcfg)
         rule = f"P >= {r['threshold']}" if r["threshold"] > 0 else "argmax"
         for group in ("with_previous", "first"):
             m, b = r[group], r[f"baseline_{group}"]

@@ -1,5 +1,7 @@
 """probe.py: teacher-forced accuracy counts exactly the steps of the last PPO region of each held-out stream."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +146,30 @@ def test_boundary_report_with_every_length_in_every_goal(stream_history):
     assert counter["recall_by_goal"] == {(38, 10): 1.0, (38, 20): 0.0, (51, 10): 1.0, (51, 20): 0.0}
     assert reader["ends"][38, 0] == list(range(9, 80, 10)) and reader["ends"][38, 1] == [19, 39, 59, 79]
     assert reader["closes"][38, 1] == [9, 39, 59, 79]  # a first region closed too early (nothing to read), then right
+
+
+def test_probe_reads_the_histories_of_another_collection(adaptive_history, stream_history, tmp_path):
+    """`--histories`: a run trained on one length per goal, probed on held-out histories with every length in every goal;
+    the position-only rule keeps the run's own commonest length; another env or longer rollouts are refused."""
+    from common import UserError
+    from probe import boundary_report, with_histories
+
+    cfg = load_config("config/model/ad_dr_compressed.yaml", [*adaptive_history["overrides"], "compress_interval=20",
+                                                              "n_transit=44"])
+    other = tmp_path / "streams.yaml"
+    keys = dict(o.split("=", 1) for o in stream_history["overrides"])
+    other.write_text(f"include: {Path('config/algorithm/ppo_darkroom.yaml').resolve()}\n"
+                     + "".join(f"{k}: {v}\n" for k, v in keys.items()))
+    hcfg = with_histories(cfg, str(other))
+    assert hcfg["n_steps_per"] == "stream" and hcfg["traj_dir"] == keys["traj_dir"] and hcfg["n_transit"] == 44
+    counter = boundary_report(ScriptedCloser(20, read_context=False), cfg, "test", histories=hcfg)
+    reader = boundary_report(ScriptedCloser(20, read_context=True), cfg, "test", histories=hcfg)
+    assert counter["baseline_length"] == 20  # the run's own training histories' commonest length, not the probed file's
+    assert reader["with_previous"]["recall"] == 1.0 and counter["with_previous"]["recall"] == pytest.approx(12 / 40)
+    assert set(reader["recall_by_goal"]) == {(38, 10), (38, 20), (51, 10), (51, 20)}
+    other.write_text(other.read_text() + "horizon: 25\n")
+    with pytest.raises(UserError, match="is another task set \\(horizon=25"):
+        with_histories(cfg, str(other))
+    other.write_text(other.read_text().replace("horizon: 25\n", "") + "n_steps: [10, 40]\n")
+    with pytest.raises(UserError, match="rollouts of 40 steps, longer than the run's compress_interval=20"):
+        with_histories(cfg, str(other))
