@@ -132,7 +132,7 @@ def with_histories(cfg: dict, config: str) -> dict:
     """The run's config reading the history file of another collection config (`--histories`): the same env, task
     split and horizon, rollouts no longer than the run's compress_interval."""
     from common import ENV_KEYS, load_config, rollout_lengths
-    from history import COLLECT_KEYS
+    from history import collect_keys
 
     other = load_config(config)
     differ = [k for k in ENV_KEYS if cfg.get(k) != other.get(k)]
@@ -142,7 +142,7 @@ def with_histories(cfg: dict, config: str) -> dict:
     if cfg["use_compressed_context"] and max(rollout_lengths(other)) > cfg["compress_interval"]:
         raise UserError(f"--histories {config} has rollouts of {max(rollout_lengths(other))} steps, longer than the run's "
                         f"compress_interval={cfg['compress_interval']}; pass one with shorter rollouts")
-    return cfg | {k: other[k] for k in (*COLLECT_KEYS, "traj_dir") if k in other}
+    return cfg | collect_keys(other) | {"traj_dir": other["traj_dir"]}
 
 
 def plot_boundaries(report: dict, path: Path, n_streams: int = 2) -> Path:

@@ -167,6 +167,9 @@ def test_probe_reads_the_histories_of_another_collection(adaptive_history, strea
     assert counter["baseline_length"] == 20  # the run's own training histories' commonest length, not the probed file's
     assert reader["with_previous"]["recall"] == 1.0 and counter["with_previous"]["recall"] == pytest.approx(12 / 40)
     assert set(reader["recall_by_goal"]) == {(38, 10), (38, 20), (51, 10), (51, 20)}
+    per_task = tmp_path / "per_task.yaml"  # a key the config leaves out (n_steps_per) reads as its default
+    per_task.write_text(other.read_text().replace("n_steps_per: stream\n", ""))
+    assert with_histories(hcfg, str(per_task))["n_steps_per"] == "task"
     other.write_text(other.read_text() + "horizon: 25\n")
     with pytest.raises(UserError, match="is another task set \\(horizon=25"):
         with_histories(cfg, str(other))
