@@ -50,6 +50,7 @@ SCHEMA: dict[str, type] = {
     # evaluation
     "eval_episodes": int, "eval_streams": int, "eval_temperature": float, "eval_window_shift": int,
     "eval_cache": bool, "eval_seed": int, "eval_prune": str, "eval_close_threshold": float,
+    "eval_first_region": int,
 }
 # the env keys (config/env/*.yaml, and n_train_tasks / n_test_tasks where an env's file leaves them out): they choose the
 # tasks, so a collection takes them as well as a model config
@@ -179,6 +180,12 @@ def validate(cfg: dict) -> dict:
             )
     if not 0.0 <= cfg.get("eval_close_threshold", EVAL_DEFAULTS["eval_close_threshold"]) < 1.0:
         raise UserError(f"eval_close_threshold must be in [0, 1) (0: the head's argmax), got {cfg['eval_close_threshold']!r}")
+    first = cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"])
+    if first < 0:
+        raise UserError(f"eval_first_region must be >= 0 (0: the head closes the first region too), got {first!r}")
+    if first and "n_transit" in cfg and not (cfg["use_compressed_context"] and first <= max_region_steps(cfg)):
+        fix = f"set eval_first_region<={max_region_steps(cfg)}" if cfg["use_compressed_context"] else "it is for compressed mode"
+        raise UserError(f"eval_first_region={first} cannot be played: {fix} (0: the head decides)")
     if cfg.get("eval_prune", EVAL_DEFAULTS["eval_prune"]) not in PRUNE_RULES:
         raise UserError(f"eval_prune must be one of {', '.join(PRUNE_RULES)}; got {cfg['eval_prune']!r}")
     if "env" in cfg and cfg["env"] not in ENV_CONFIGS:
@@ -194,10 +201,16 @@ def validate(cfg: dict) -> dict:
 # the keys evaluate.py and probe.py may set on top of a checkpoint's config (everything else is fixed by the checkpoint,
 # except traj_dir: where to find the history file, which probe.py reads)
 EVAL_KEYS = ("eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "eval_seed", "eval_prune",
-             "eval_close_threshold")
+             "eval_close_threshold", "eval_first_region")
 # eval keys added after runs may have been trained: a checkpoint (or an evaluation summary) without one used this value
-EVAL_DEFAULTS = {"eval_prune": "model", "eval_close_threshold": 0.0}
+EVAL_DEFAULTS = {"eval_prune": "model", "eval_close_threshold": 0.0, "eval_first_region": 0}
 PRUNE_RULES = ("model", "fixed")  # compressed evaluation: close a region when the head says so / every compress_interval
+
+
+def max_region_steps(cfg: dict) -> int:
+    """The longest region evaluation keeps open (then closes it, a forced close): `max_regions` of them with their
+    markers must fit in `n_transit` positions."""
+    return (cfg["n_transit"] + 1) // cfg["max_regions"] - 2
 
 
 def min_compressed_context(interval: int, max_regions: int) -> int:

@@ -32,6 +32,7 @@ from common import (
     apply_overrides,
     default_run_dir,
     load_config,
+    max_region_steps,
     run_main,
 )
 from env import SPLITS, BatchEnv, task_family, task_split
@@ -151,8 +152,11 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ctx = Contexts(model, B, n_transit + SLACK, G, device)
     shift = min(cfg["eval_window_shift"], n_transit)
-    # longest region the model may keep open: two of them (with markers) must fit in n_transit positions
-    max_region_len = (n_transit + 1) // max_regions - 2
+    max_region_len = max_region_steps(cfg)  # longest region the model may keep open (then a forced close)
+    # eval_first_region > 0: every stream's first region is closed after that many steps whatever the head says, so the
+    # model must read that length from its context to close the next ones (a rhythm it did not choose)
+    first_region = cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"]) if compressed else 0
+    in_first = np.full(B, first_region > 0)
     # index of each kept region's <compress> (first n_regions[b] columns; one spare for the region being opened)
     region_starts = np.zeros((B, max_regions + 1), dtype=np.int64)
     n_regions = np.ones(B, dtype=np.int64)
@@ -168,6 +172,7 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
     rewards = np.zeros((B, n_total), dtype=np.int8)
     closes = [[] for _ in range(B)]  # steps after which the model emitted </compress>
     forced = [[] for _ in range(B)]  # steps at which a region reached max_region_len and was closed for it
+    set_closes = [[] for _ in range(B)]  # the step that closed the first region, with eval_first_region
     prunes = [[] for _ in range(B)]  # steps after which the oldest region was dropped
     logits_log = []
     for t in tqdm(range(n_total), desc="in-context steps", disable=not progress, mininterval=2):
@@ -193,10 +198,13 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
                 says_end = region_len >= cfg["compress_interval"]
             else:
                 says_end = closes_region(logits_t, threshold).cpu().numpy()
-            closing = np.flatnonzero(says_end | (region_len >= max_region_len))
+            set_end = in_first & (region_len >= first_region)
+            says_end = says_end & ~in_first
+            closing = np.flatnonzero(says_end | set_end | (region_len >= max_region_len))
             if len(closing):  # all closing streams at once: </compress>, prune the oldest region if over budget, <compress>
                 for b in closing:
-                    (closes if says_end[b] else forced)[b].append(t)
+                    (set_closes if set_end[b] else closes if says_end[b] else forced)[b].append(t)
+                in_first[closing] = False
                 rows = torch.from_numpy(closing).to(device)
                 ctx.append(rows, COMPRESS_END)
                 region_starts[closing, n_regions[closing]] = ctx.length[rows].cpu().numpy()  # where <compress> goes
@@ -213,7 +221,7 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
                 region_len[closing] = 0
     returns = rewards.reshape(B, n_episodes, H).sum(-1).astype(np.float64)  # [B, n_episodes]
     out = {"returns": returns.reshape(len(goals), n_streams, n_episodes), "rewards": rewards,
-           "closes": closes, "forced_closes": forced, "prunes": prunes, "recomputed": ctx.recomputed}
+           "closes": closes, "forced_closes": forced, "set_closes": set_closes, "prunes": prunes, "recomputed": ctx.recomputed}
     if record_logits:
         out["logits"] = torch.stack(logits_log)  # (steps, B, A [+3])
     return out
@@ -228,17 +236,22 @@ def boundary_metrics(closes: list[list[int]], n_total: int, interval: int) -> di
             "recall_compress_end": correct / max(n_true, 1)}
 
 
-def region_stats(closes: list[list[int]], forced: list[list[int]]) -> dict:
+def region_stats(closes: list[list[int]], forced: list[list[int]], set_closes: list[list[int]] | None = None) -> dict:
     """Per stream: the lengths (steps) of the regions it closed, in order; and over all streams, the fraction of regions
     after the first whose length equals the previous region's (a model that reads the length from its context keeps
-    it), and the first regions' lengths."""
+    it), and the first regions' lengths (set by eval_first_region where `set_closes` holds its closes)."""
     lengths = []
-    for c, f in zip(closes, forced, strict=True):
-        ends = sorted(c + f)
+    for c, f, s in zip(closes, forced, set_closes or [[] for _ in closes], strict=True):
+        ends = sorted(c + f + s)
         lengths.append([int(b - a) for a, b in zip([-1, *ends[:-1]], ends, strict=True)])
     pairs = [(a, b) for ls in lengths for a, b in zip(ls[:-1], ls[1:], strict=False)]
-    return {"region_lengths": lengths, "first_region_lengths": [ls[0] if ls else None for ls in lengths],
-            "consistency": sum(a == b for a, b in pairs) / len(pairs) if pairs else None, "n_region_pairs": len(pairs)}
+    out = {"region_lengths": lengths, "first_region_lengths": [ls[0] if ls else None for ls in lengths],
+           "consistency": sum(a == b for a, b in pairs) / len(pairs) if pairs else None, "n_region_pairs": len(pairs)}
+    if set_closes and any(set_closes):  # a rhythm the model did not choose: how many later regions keep it
+        later = [x for ls in lengths for x in ls[1:]]
+        first = [ls[0] for ls in lengths if ls]
+        out["kept_first_length"] = sum(x == first[0] for x in later) / len(later) if later else None
+    return out
 
 
 def prune_quality(rewards: np.ndarray, prunes: list[list[int]], window: int) -> dict:
@@ -285,8 +298,9 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
         # against the n_steps grid, where there is one (with n_steps drawn per task there is none: see consistency)
         grid = boundary_metrics(res["closes"], n_total, cfg["n_steps"]) if isinstance(cfg["n_steps"], int) else {
             "n_closes": sum(len(c) for c in res["closes"]), "precision_compress_end": None, "recall_compress_end": None}
-        s["compression"] = {**grid, **region_stats(res["closes"], res["forced_closes"]),
+        s["compression"] = {**grid, **region_stats(res["closes"], res["forced_closes"], res.get("set_closes")),
                             "n_forced_closes": sum(len(c) for c in res["forced_closes"]),
+                            "first_region_set": cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"]),
                             **prune_quality(res["rewards"], res["prunes"], H),
                             "close_steps": [list(map(int, c)) for c in res["closes"]],
                             "forced_close_steps": [list(map(int, c)) for c in res["forced_closes"]]}
@@ -306,7 +320,9 @@ def print_table(s: dict) -> None:
         grid = (f"precision {c['precision_compress_end']:.3f}, recall {c['recall_compress_end']:.3f}"
                 if c["precision_compress_end"] is not None else "no fixed grid")
         cons = f"{c['consistency']:.3f}" if c["consistency"] is not None else "n/a"
-        print(f"</compress>: {c['n_closes']} closes ({grid}), forced {c['n_forced_closes']}, regions as long as the "
+        first = (f" (first region closed for it after {c['first_region_set']} steps; later regions of that length "
+                 f"{c['kept_first_length']:.3f})" if c.get("kept_first_length") is not None else "")
+        print(f"</compress>: {c['n_closes']} closes ({grid}), forced {c['n_forced_closes']}{first}, regions as long as the "
               f"previous one {cons}; reward/step before vs after prune "
               f"{c.get('reward_per_step_before_prune', float('nan')):.3f} vs "
               f"{c.get('reward_per_step_after_prune', float('nan')):.3f}")

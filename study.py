@@ -290,7 +290,8 @@ def arm_windows(cfg: dict, arms: list[str]) -> str:
     size = {"standard-240": window(3), "standard-160": window(2),
             "compressed": "the last 2 regions (rollouts), closed by its </compress> head",
             "compressed-fixed": "the compressed checkpoint, closing every compress_interval steps",
-            "compressed-adaptive": "compressed on histories whose rollout length differs by goal"}
+            "compressed-adaptive": "compressed on histories with PPO rollouts of 40, 80 and 120 steps in every goal "
+                                   "(one learner per length), closed by its </compress> head"}
     return f"Arms ({cfg.get('env', 'darkroom')}, PPO rollouts of {n} steps): " + "; ".join(f"{a}: {size[a]}" for a in arms) + "."
 
 

@@ -41,7 +41,7 @@ LAUNCHER_LOG = "train.log"  # the workflow / study write train.py's output here 
 RESUMABLE_KEYS = {
     "train_timesteps", "log_interval", "test_interval", "test_batches", "ckpt_interval", "n_process", "traj_dir",
     "eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "eval_seed", "eval_prune",
-    "eval_close_threshold", "num_threads", "val_episodes", "val_streams",
+    "eval_close_threshold", "eval_first_region", "num_threads", "val_episodes", "val_streams",
 }
 METRICS = ("loss_action", "acc_action", "loss_token_type", "acc_token_type")
 COUNTS = ("n_true_positive", "n_pred_end", "n_true_end")  # </compress> counts (compressed mode)

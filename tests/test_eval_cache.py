@@ -92,3 +92,41 @@ def test_cached_evaluation_is_deterministic_for_a_seed(monkeypatch):
     b, _ = _run(model, cfg, True, monkeypatch)
     torch.testing.assert_close(a["logits"], b["logits"], rtol=0, atol=0)
     np.testing.assert_array_equal(a["rewards"], b["rewards"])
+
+
+@pytest.mark.parametrize("close_bias", [-10.0, 10.0])
+def test_first_region_closed_for_the_model_then_the_head_decides(close_bias, monkeypatch):
+    """eval_first_region=4: every stream's first region closes after 4 steps whatever the head says (a head that never
+    closes, or one that always does); after it the head, or the forced close at the longest region, decides. Cached and
+    uncached runs agree, and the report counts how many later regions kept the set length."""
+    model, cfg = _setup(True, ["n_transit=24", "eval_first_region=4"], close_bias)
+    cached, _ = _run(model, cfg, True, monkeypatch)
+    uncached, _ = _run(model, cfg, False, monkeypatch)
+    _assert_same(cached, uncached)
+    assert cached["set_closes"] == uncached["set_closes"] == [[3]] * 6  # after the 4th step of every stream
+    stats = evaluate.region_stats(cached["closes"], cached["forced_closes"], cached["set_closes"])
+    assert stats["first_region_lengths"] == [4] * 6
+    if close_bias < 0:  # never closes: forced at the longest region, (24 + 1) // 2 - 2 = 10 steps
+        assert all(ls[1:-1] == [10] * (len(ls) - 2) for ls in stats["region_lengths"]) and not any(cached["closes"])
+    else:  # closes at every step once the first region is over
+        assert all(set(ls[1:]) == {1} for ls in stats["region_lengths"])
+    assert stats["kept_first_length"] == 0.0
+
+
+def test_kept_first_length_counts_later_regions_of_the_set_length():
+    reader = evaluate.region_stats([[7, 11, 15], [7, 11]], [[], []], [[3], [3]])  # keeps 4-step regions
+    counter = evaluate.region_stats([[13, 23], [13]], [[], []], [[3], [3]])  # goes back to its own 10
+    assert reader["kept_first_length"] == 1.0 and reader["consistency"] == 1.0
+    assert counter["kept_first_length"] == 0.0 and counter["consistency"] == pytest.approx(1 / 3)
+    assert "kept_first_length" not in evaluate.region_stats([[3, 7]], [[]])  # the head chose every length
+
+
+def test_first_region_that_cannot_be_played_is_refused():
+    from common import UserError
+
+    with pytest.raises(UserError, match="eval_first_region=11 cannot be played: set eval_first_region<=10"):
+        _setup(True, ["n_transit=24", "eval_first_region=11"])
+    with pytest.raises(UserError, match="eval_first_region=4 cannot be played: it is for compressed mode"):
+        _setup(False, ["n_transit=30", "eval_first_region=4"])
+    with pytest.raises(UserError, match="eval_first_region must be >= 0"):
+        _setup(True, ["n_transit=24", "eval_first_region=-1"])

@@ -118,4 +118,6 @@ def test_study_refuses_bad_arguments(tmp_path):
     assert bad.returncode != 0 and bad.stderr.strip() == (
         "error: eval_close_threshold is set by the study itself (per arm, --temperatures, --eval-seeds), not by an "
         "override; evaluate a run with evaluate.py to try another value")
+    bad = run_script("study.py", "--runs-root", str(tmp_path), "eval_first_region=40", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: eval_first_region is set by the study itself")
     assert not any(tmp_path.iterdir())
