@@ -303,7 +303,8 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
                             "first_region_set": cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"]),
                             **prune_quality(res["rewards"], res["prunes"], H),
                             "close_steps": [list(map(int, c)) for c in res["closes"]],
-                            "forced_close_steps": [list(map(int, c)) for c in res["forced_closes"]]}
+                            "forced_close_steps": [list(map(int, c)) for c in res["forced_closes"]],
+                            "set_close_steps": [list(map(int, c)) for c in res.get("set_closes", [])]}
     return s
 
 

@@ -36,6 +36,7 @@ import yaml
 from common import (
     ENV_CONFIGS,
     ENV_KEYS,
+    EVAL_DEFAULTS,
     EVAL_KEYS,
     ROOT,
     SCHEMA,
@@ -285,7 +286,8 @@ def stage_evaluate(plan: Plan) -> None:
         trained = saved_config(run_dir) or {}
         given = {item.split("=", 1)[0].strip(): item for item in plan.overrides[mode]}  # the last one of a key wins
         args = [item for k, item in given.items() if k not in EVAL_KEYS and trained.get(k, cfg[k]) != cfg[k]]
-        args += [f"{k}={json.dumps(cfg[k])}" for k in EVAL_KEYS if trained.get(k) != cfg[k]]
+        now = EVAL_DEFAULTS | cfg  # an eval key neither config sets has its default
+        args += [f"{k}={json.dumps(now[k])}" for k in EVAL_KEYS if (EVAL_DEFAULTS | trained).get(k) != now[k]]
         force = ["--force"] if why.startswith("eval settings changed") else []  # said here: the old one is replaced
         say(stage, f"{why}: evaluating {run_dir} in context on the {plan.split} goals ({cfg['eval_episodes']} episodes)")
         run_stage(stage, "evaluate.py", ["--run-dir", str(run_dir), "--split", plan.split, *force, *args])
