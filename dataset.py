@@ -88,7 +88,7 @@ class HistoryDataset(IterableDataset):
         self.n_transit, self.batch_size, self.max_regions = cfg["n_transit"], batch_size, cfg["max_regions"]
         self.seed, self.rank, self.step = seed, rank, start_step
         self.pad_state = n_state_ids(cfg["grid_size"]) - 1
-        if self.compressed:  # regions may differ in length between goals (n_steps drawn per goal): size for the longest
+        if self.compressed:  # regions may differ in length between goals or streams (a list of n_steps): size for the longest
             longest = max(int((r[:, 1] - r[:, 0]).max()) for d in self.data.values() for r in d["regions"])
             need = self.max_regions * (longest + 2) - 1
             if need > self.n_transit:
