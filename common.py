@@ -40,7 +40,7 @@ SCHEMA: dict[str, type] = {
     "ppo_observe_stage": bool, "n_process": int, "traj_dir": str,
     # model
     "model": str, "run_name": str, "use_compressed_context": bool, "n_transit": int,
-    "compress_interval": int, "max_regions": int, "token_type_loss_weight": float,
+    "compress_interval": int, "max_regions": int, "token_type_loss_weight": float, "min_source_return": float,
     "d_model": int, "n_layer": int, "n_head": int, "dropout": float, "state_embedding": str, "compile": bool,
     # training
     "seed": int, "train_timesteps": int, "train_batch_size": int, "lr": float, "weight_decay": float,
@@ -180,6 +180,9 @@ def validate(cfg: dict) -> dict:
             )
     if not 0.0 <= cfg.get("eval_close_threshold", EVAL_DEFAULTS["eval_close_threshold"]) < 1.0:
         raise UserError(f"eval_close_threshold must be in [0, 1) (0: the head's argmax), got {cfg['eval_close_threshold']!r}")
+    if not 0.0 <= cfg.get("min_source_return", 0.0) <= 1.0:
+        raise UserError(f"min_source_return is a fraction of each task's optimum in [0, 1] (0: train on every task), got "
+                        f"{cfg['min_source_return']!r}")
     first = cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"])
     if first < 0:
         raise UserError(f"eval_first_region must be >= 0 (0: the head closes the first region too), got {first!r}")

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from common import UserError
-from env import task_split
+from env import task_family, task_split
 from history import check_history, open_history
 from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, PAD_PREV, STEP, encode_prev, encode_state, n_state_ids
 
@@ -50,10 +50,21 @@ def load_history(path: Path, cfg: dict, goals: list[int], need_markers: bool) ->
                 raise UserError(msg) from None
             state_ids, prev_ids = stream_tokens(d["states"], d["actions"], d["rewards"], d["dones"], cfg["grid_size"])
             out[g] = {"state_ids": state_ids.astype(np.int16), "prev_ids": prev_ids.astype(np.int16),
-                      "actions": d["actions"].astype(np.int64), "compress_end": d["compress_end"]}
+                      "actions": d["actions"].astype(np.int64), "compress_end": d["compress_end"],
+                      "last_return": last_rollout_return(d["rewards"], d["compress_end"], cfg["horizon"])}
             if need_markers:
                 out[g]["regions"] = region_bounds(d["compress_start"], d["compress_end"], path, g)
     return out
+
+
+def last_rollout_return(rewards: np.ndarray, cend: np.ndarray, horizon: int) -> float:
+    """The source's mean episode return over every stream's last PPO rollout (how far it learned the task)."""
+    out = []
+    for s in range(rewards.shape[1]):
+        ends = np.flatnonzero(cend[:, s])
+        start = ends[-2] + 1 if len(ends) > 1 else 0
+        out.append(rewards[start:, s].sum() * horizon / (len(rewards) - start))
+    return float(np.mean(out))
 
 
 def region_bounds(cstart: np.ndarray, cend: np.ndarray, path, goal) -> list[np.ndarray]:
@@ -84,6 +95,15 @@ class HistoryDataset(IterableDataset):
         self.data = load_history(path, cfg, task_split(cfg, split), need_markers=self.compressed)
         if not self.data:
             raise UserError(f"history file {path} holds none of the {split} goals; collect all goals (no --goals)")
+        self.dropped = []  # training tasks whose source never learned them (min_source_return), left out
+        if split == "train" and cfg.get("min_source_return", 0.0) > 0:
+            family = task_family(cfg)
+            for g, d in list(self.data.items()):
+                if d["last_return"] < cfg["min_source_return"] * family.optimal_return(g, cfg):
+                    self.dropped.append(g)
+                    del self.data[g]
+            if not self.data:
+                raise UserError(f"min_source_return={cfg['min_source_return']} leaves no training task in {path}; lower it")
         self.goals = sorted(self.data)
         self.n_transit, self.batch_size, self.max_regions = cfg["n_transit"], batch_size, cfg["max_regions"]
         self.seed, self.rank, self.step = seed, rank, start_step

@@ -349,6 +349,10 @@ def main():
     seed, hist = cfg["seed"], history_path(cfg)
     train_data = HistoryDataset(hist, cfg, "train", cfg["train_batch_size"], seed, accelerator.process_index, start_step)
     val_data = HistoryDataset(hist, cfg, "val", cfg["train_batch_size"], seed + 10_000)
+    if train_data.dropped:
+        left_out = ", ".join(map(str, train_data.dropped[:10])) + (", ..." if len(train_data.dropped) > 10 else "")
+        accelerator.print(f"min_source_return={cfg['min_source_return']}: training on {len(train_data.goals)} tasks, leaving "
+                          f"out {len(train_data.dropped)} whose source PPO ended below it ({left_out})")
     model, opt, sched = build(cfg, horizon)
     torch.manual_seed(seed + accelerator.process_index)  # dropout differs per rank
     random.seed(seed)

@@ -227,3 +227,34 @@ def test_region_markers_that_do_not_tile_a_stream_are_refused():
     cend[29, 1] = False
     with pytest.raises(UserError, match="goal 5 stream 1 do not tile the history"):
         region_bounds(cstart, cend, "h.hdf5", 5)
+
+
+def test_min_source_return_leaves_out_training_tasks_the_source_never_learned(adaptive_history, tmp_path):
+    """min_source_return=f keeps the training tasks whose source PPO's last rollout returned >= f x the optimum (the
+    validation and test histories are never filtered); a threshold no task reaches is refused with one line."""
+    import shutil
+
+    from common import UserError
+    from dataset import last_rollout_return
+    from env import optimal_return
+
+    path = tmp_path / adaptive_history["path"].name
+    shutil.copy(adaptive_history["path"], path)
+    with h5py.File(path, "a") as f:  # the tiny PPO never learns: give two training tasks a source that did, partly
+        f["1"]["rewards"][-10:-5] = 1  # goal 1 (10-step rollouts): a reward at half of the last rollout's steps
+        f["2"]["rewards"][-20:-16] = 1  # goal 2 (20 steps): at a fifth of them
+        frac = {g: last_rollout_return(f[str(g)]["rewards"][:], f[str(g)]["compress_end"][:], 20) / optimal_return(g, 9, 20)
+                for g in (0, 1, 2, 3)}
+    assert frac[0] == frac[3] == 0 < frac[2] < frac[1] < 1
+    over = [*adaptive_history["overrides"], "compress_interval=20", "n_transit=44", f"traj_dir={tmp_path}"]
+    for t in (0.0, frac[2], frac[1]):
+        cfg = load_config("config/model/ad_dr_compressed.yaml", [*over, f"min_source_return={t}"])
+        ds = HistoryDataset(path, cfg, "train", batch_size=4, seed=0)
+        assert ds.goals == sorted(g for g, v in frac.items() if v >= t)
+        assert sorted(ds.dropped) == sorted(g for g, v in frac.items() if v < t)
+        assert HistoryDataset(path, cfg, "test", batch_size=4, seed=0).goals == [38, 51]  # held-out: never filtered
+    cfg = load_config("config/model/ad_dr_compressed.yaml", [*over, f"min_source_return={(1 + frac[1]) / 2}"])
+    with pytest.raises(UserError, match="leaves no training task"):
+        HistoryDataset(path, cfg, "train", batch_size=4, seed=0)
+    with pytest.raises(UserError, match="min_source_return is a fraction of each task's optimum in \\[0, 1\\]"):
+        load_config("config/model/ad_dr_compressed.yaml", [*over, "min_source_return=1.5"])
