@@ -280,7 +280,7 @@ def fmt_ci(x: float, ci: list[float], f: str = "{:.3f}") -> str:
     return f"{f.format(x)} [{f.format(ci[0])}, {f.format(ci[1])}]"
 
 
-def arm_windows(cfg: dict, arms: list[str]) -> str:
+def arm_windows(cfg: dict, arms: list[str], regions: int = 2) -> str:
     """The arms' context sizes in this env's steps (the arm names are Darkroom's: 240 = 3 x 80, 160 = 2 x 80)."""
     n = cfg["n_steps"]
 
@@ -288,7 +288,7 @@ def arm_windows(cfg: dict, arms: list[str]) -> str:
         return f"a window of {k} rollouts" + (f" = {k * n} steps" if isinstance(n, int) else "")
 
     size = {"standard-240": window(3), "standard-160": window(2),
-            "compressed": "the last 2 regions (rollouts), closed by its </compress> head",
+            "compressed": f"the last {regions} regions (rollouts), closed by its </compress> head",
             "compressed-fixed": "the compressed checkpoint, closing every compress_interval steps",
             "compressed-adaptive": "compressed on histories with PPO rollouts of 40, 80 and 120 steps in every goal "
                                    "(one learner per length), closed by its </compress> head"}
@@ -296,7 +296,7 @@ def arm_windows(cfg: dict, arms: list[str]) -> str:
 
 
 def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int],
-                 temps: dict[str, float], episodes: int, reps: int) -> dict:
+                 temps: dict[str, float], episodes: int, reps: int, regions: int = 2) -> dict:
     import study_stats as st
     from env import task_family, task_split
 
@@ -332,7 +332,7 @@ def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[
          f"= {n_runs} runs per goal and arm; {episodes} in-context episodes (no weight updates). Temperatures were chosen "
          "per arm on the validation goals (tuning.json); the test goals were evaluated once, at those temperatures. "
          f"Scores are returns / each goal's optimum; 95 % intervals are stratified bootstraps ({reps} replicates) "
-         "over runs within goals (rliable).", "", arm_windows(cfg, arms), "",
+         "over runs within goals (rliable).", "", arm_windows(cfg, arms, regions), "",
          f"| arm | T (val) | mean, all episodes | IQM, all episodes | mean, last {last} | IQM, last {last} | episodes to 90 % "
          "(median) | first reward (median / p90 / max) |", "|---|---:|---|---|---|---|---|---|"]
     for a in arms:
@@ -486,7 +486,8 @@ def main():
              for a in arms for s in seeds for e in eval_seeds]
     n_tested = run_evals(root, specs, args.jobs, "test evaluation")
     t_eval = time.perf_counter() - start - t_collect - t_train
-    write_report(root, report_dir, cfg, arms, seeds, eval_seeds, temps, episodes, args.reps)
+    regions = load_config(configs["compressed"], train_overrides)["max_regions"]  # the compressed arms' budget
+    write_report(root, report_dir, cfg, arms, seeds, eval_seeds, temps, episodes, args.reps, regions)
     total = time.perf_counter() - start
     timing = {"collect_s": t_collect, "train_s": t_train, "evaluate_s": t_eval, "total_s": total,
               "trained_runs": n_trained, "evaluations_run": n_tuned + n_tested}
