@@ -26,7 +26,8 @@ TINY_COLLECT = ["n_stream=4", "n_steps=25", "total_source_timesteps=100", "ppo_b
 TINY_MODEL = ["d_model=16", "n_layer=1", "n_head=2", "train_batch_size=4", "log_interval=2", "test_interval=2",
               "test_batches=1", "ckpt_interval=2", "warmup_steps=2", "train_timesteps=4", "eval_episodes=3",
               "eval_streams=2", "val_episodes=2", "compress_interval=25", "eval_window_shift=25"]
-N_TRANSIT = {"standard": "n_transit=50", "compressed": "n_transit=56"}  # 2 regions; C r E C r = 2 x 27 - 1 = 53
+# compressed: up to 3 regions (Key-to-Door keeps 3, Darkroom-permuted 2): C r E C r E C r = 3 x 27 - 1 = 80
+N_TRANSIT = {"standard": "n_transit=50", "compressed": "n_transit=84"}
 
 
 def collect_cfg(env: str, *extra: str) -> dict:
