@@ -11,8 +11,9 @@
 2. Compressed mode: teacher-forced `</compress>` precision / recall on the held-out histories' regions, separately for
    regions with a previous region in context and for first regions, next to a position-only baseline (close after the
    most common region length of the training goals): what the head reads from its context beyond position. With one
-   n_steps for every task the baseline is perfect too; with n_steps drawn per task (config/model/ad_dr_adaptive.yaml)
-   only a model that reads the previous region's length can beat it.
+   n_steps for every task the baseline is perfect too; with several (config/model/ad_dr_adaptive.yaml: 40, 80 and 120
+   steps in every goal) only a model that reads the previous region's length can beat it. Recall is also printed per
+   (goal, rollout length) and per length.
 3. With `--episodes N`: `evaluate.run_in_context` on the held-out goals for N episodes (nothing is written).
 `--histories CONFIG` reads the held-out histories of another collection config of the same env (e.g. a model trained on
 one rollout length per goal, probed on histories with every length in every goal); the position-only rule keeps the

@@ -8,7 +8,8 @@ four arms, tuned on validation goals only, reported on the test goals with rliab
 Arms (docs/design.md §8; named by Darkroom's sizes, the windows are in rollouts whatever the env's n_steps):
 - standard-240: standard AD, a FIFO window of 3 PPO rollouts (3 x n_steps = 240 steps), shifted by one rollout.
 - standard-160: standard AD with a window of 2 rollouts (160 steps): the context budget of compressed mode.
-- compressed: compressed AD, the model's `</compress>` closes a region and prunes the oldest (max_regions = 2).
+- compressed: compressed AD, the model's `</compress>` closes a region and prunes the oldest (the env's compressed config's
+  max_regions: 2, or 3 on Key-to-Door).
 - compressed-fixed: the compressed checkpoint, pruning every compress_interval steps whatever the head says.
 
 Stages (each skipped where its output exists and matches; interrupt and re-run the same command to resume):
