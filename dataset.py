@@ -50,21 +50,27 @@ def load_history(path: Path, cfg: dict, goals: list[int], need_markers: bool) ->
                 raise UserError(msg) from None
             state_ids, prev_ids = stream_tokens(d["states"], d["actions"], d["rewards"], d["dones"], cfg["grid_size"])
             out[g] = {"state_ids": state_ids.astype(np.int16), "prev_ids": prev_ids.astype(np.int16),
-                      "actions": d["actions"].astype(np.int64), "compress_end": d["compress_end"],
-                      "last_return": last_rollout_return(d["rewards"], d["compress_end"], cfg["horizon"])}
+                      "actions": d["actions"].astype(np.int64), "compress_end": d["compress_end"]}
+            if cfg.get("min_source_return", 0.0) > 0:  # only a run that filters its training tasks needs it
+                out[g]["last_return"] = last_rollout_return(d["rewards"], d["compress_end"], cfg["horizon"])
             if need_markers:
                 out[g]["regions"] = region_bounds(d["compress_start"], d["compress_end"], path, g)
     return out
 
 
+def last_rollout_starts(cend: np.ndarray) -> np.ndarray:
+    """The first step of each stream's last PPO rollout, `[S]`: one past its next-to-last `</compress>` marker."""
+    out = []
+    for s in range(cend.shape[1]):
+        ends = np.flatnonzero(cend[:, s])
+        out.append(ends[-2] + 1 if len(ends) > 1 else 0)
+    return np.array(out, np.int64)
+
+
 def last_rollout_return(rewards: np.ndarray, cend: np.ndarray, horizon: int) -> float:
     """The source's mean episode return over every stream's last PPO rollout (how far it learned the task)."""
-    out = []
-    for s in range(rewards.shape[1]):
-        ends = np.flatnonzero(cend[:, s])
-        start = ends[-2] + 1 if len(ends) > 1 else 0
-        out.append(rewards[start:, s].sum() * horizon / (len(rewards) - start))
-    return float(np.mean(out))
+    T = len(rewards)
+    return float(np.mean([rewards[t0:, s].sum() * horizon / (T - t0) for s, t0 in enumerate(last_rollout_starts(cend))]))
 
 
 def region_bounds(cstart: np.ndarray, cend: np.ndarray, path, goal) -> list[np.ndarray]:
@@ -154,9 +160,7 @@ class HistoryDataset(IterableDataset):
             last_c = np.where(b["type_ids"][:, :length] == COMPRESS_START, idx, -1).max(1, keepdims=True)
             in_last = idx > last_c
         else:  # the window ends at the history's end; the last rollout starts after the stream's next-to-last </compress>
-            ends = [np.flatnonzero(d["compress_end"][:, s]) for s in range(S)]
-            last_start = np.array([e[-2] + 1 if len(e) > 1 else 0 for e in ends])[:, None]
-            in_last = idx >= length - (T - last_start)
+            in_last = idx >= length - (T - last_rollout_starts(d["compress_end"])[:, None])
         out = self._trim(b, length)
         out["in_last"] = torch.from_numpy(in_last & (out["target_action"].numpy() != IGNORE))
         return out
