@@ -41,7 +41,7 @@ from common import (
     stream_n_steps,
 )
 from env import selected_tasks, task_family
-from history import FIELDS, FORMAT_VERSION, collect_keys
+from history import FIELDS, FORMAT_VERSION, collect_keys, history_mismatch
 
 
 class HistoryCallback(BaseCallback):
@@ -169,7 +169,7 @@ def write_goal(f: h5py.File, goal: int, data: dict, cfg: dict) -> None:
     g.attrs["complete"] = True  # written last: a group without it was cut off by a kill
 
 
-def recover_goals(partial: Path, f: h5py.File, wanted: dict) -> set:
+def recover_goals(partial: Path, f: h5py.File, cfg: dict) -> set:
     """Copy the complete, readable goals of an interrupted run's `.partial` file into `f`; returns them.
 
     Copying into a fresh file, rather than appending to the old one, matters: a kill while a goal was being
@@ -177,7 +177,7 @@ def recover_goals(partial: Path, f: h5py.File, wanted: dict) -> set:
     done = set()
     try:
         with h5py.File(partial, "r") as old:
-            if yaml.safe_load(old.attrs.get("collect_keys", "{}")) != wanted:
+            if history_mismatch(old, cfg):  # a key added since reads as its default, as for a finished file
                 print(f"found {partial} from a different config: starting clean")
                 return done
             for k in old:
@@ -206,7 +206,7 @@ def open_partial(partial: Path, cfg: dict) -> tuple[h5py.File, set]:
         f.attrs["config"] = yaml.safe_dump(cfg)
         for k in ("grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps"):
             f.attrs[k] = cfg[k]
-        done = recover_goals(partial, f, wanted) if partial.exists() else set()
+        done = recover_goals(partial, f, cfg) if partial.exists() else set()
     os.replace(fresh, partial)  # a kill before this line leaves the old .partial untouched
     return h5py.File(partial, "a"), done
 

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import ROOT, TINY_COLLECT, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -231,3 +232,20 @@ def test_collect_starts_clean_from_a_stale_partial_file(kind, tmp_path):
     assert kind in res and "starting clean" in res, res
     with h5py.File(tmp_path / HISTORY, "r") as f:
         assert list(f) == ["0"] and f["0"].attrs["complete"]
+
+
+def test_collect_resumes_a_partial_file_written_before_a_collection_key_with_a_default(tiny_history, tmp_path):
+    """A `.partial` whose collect_keys predate a key added later with a default (n_steps_per, ppo_observe_stage) is the
+    same collection, as a finished file of that age is: its goals are recovered, not collected again."""
+    partial = tmp_path / (HISTORY + ".partial")
+    shutil.copy(tiny_history["path"], partial)
+    with h5py.File(partial, "a") as f:
+        keys = yaml.safe_load(f.attrs["collect_keys"])
+        del keys["n_steps_per"], keys["ppo_observe_stage"]
+        f.attrs["collect_keys"] = yaml.safe_dump(keys)
+    first = str(tiny_history["goals"][0])
+    res = run_script("collect.py", "--goals", first, *TINY_COLLECT, f"traj_dir={tmp_path}").stdout
+    n = len(tiny_history["goals"])
+    assert f"resuming interrupted collection: {n} finished goals recovered" in res, res
+    with h5py.File(tmp_path / HISTORY, "r") as f, h5py.File(tiny_history["path"], "r") as ref:
+        assert np.array_equal(f[first]["actions"][:], ref[first]["actions"][:])
