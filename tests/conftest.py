@@ -32,7 +32,7 @@ def run_script(script: str, *args: str, cwd: Path | None = None, check: bool = T
 
 @pytest.fixture(scope="session")
 def tiny_history(tmp_path_factory) -> dict:
-    """A tiny history file (4 goals x 4 streams x 80 steps, n_steps=20) made by collect.py."""
+    """A tiny history file (5 goals x 4 streams x 80 steps, n_steps=20) made by collect.py."""
     traj_dir = tmp_path_factory.mktemp("datasets")
     overrides = TINY_COLLECT + [f"traj_dir={traj_dir}"]
     run_script("collect.py", "--goals", TINY_GOALS, *overrides)
