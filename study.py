@@ -123,13 +123,13 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
     """Train every (arm, seed) not finished yet; returns how many were trained."""
     from example_compressed_training import run_concurrently, run_stage
 
-    steps = load_config(env_configs(env)["standard"], overrides)["train_timesteps"]
     todo = []
     for seed in seeds:
         for arm in sorted({CHECKPOINT_OF[a] for a in arms}, key=list(TRAINED).index):
             run_dir = run_dir_of(root, arm, seed)
             config, over = train_config(arm, seed, overrides, env)
-            if finished(run_dir, steps, load_config(config, over)):
+            cfg = load_config(config, over)  # each arm's own budget: the configs may set different train_timesteps
+            if finished(run_dir, cfg["train_timesteps"], cfg):
                 say(f"skip training {arm} seed {seed}: {run_dir} is finished")
             else:
                 args = ["--config", str(config), "--run-dir", str(run_dir), *over]

@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY_COLLECT, run_script
 
 import study_stats as st
-from common import load_config
+from common import ENV_CONFIGS, env_configs, load_config
 from env import optimal_return, task_split
 
 TINY = ["d_model=16", "n_layer=1", "n_head=2", "train_batch_size=4", "train_timesteps=4", "log_interval=2", "test_interval=2",
@@ -121,3 +121,19 @@ def test_study_refuses_bad_arguments(tmp_path):
     bad = run_script("study.py", "--runs-root", str(tmp_path), "eval_first_region=40", check=False)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error: eval_first_region is set by the study itself")
     assert not any(tmp_path.iterdir())
+
+
+# What may differ between an env's standard and compressed model configs: the context itself, the run's name and the
+# sampling temperature (the study tunes it per arm on validation goals). Anything else (data, filter, budget, model size,
+# evaluation protocol) differing would make the study compare more than the context.
+MODE_KEYS = {"use_compressed_context", "n_transit", "max_regions", "run_name", "eval_temperature"}
+
+
+@pytest.mark.parametrize("env", sorted(ENV_CONFIGS))
+def test_both_modes_of_every_env_train_and_evaluate_alike(env):
+    configs = env_configs(env)
+    standard, compressed = load_config(configs["standard"]), load_config(configs["compressed"])
+    differ = {k for k in standard.keys() | compressed.keys() if standard.get(k) != compressed.get(k)}
+    assert differ <= MODE_KEYS, f"{env}: the two modes' configs also differ in {sorted(differ - MODE_KEYS)}"
+    assert standard["use_compressed_context"] is False and compressed["use_compressed_context"] is True
+    assert standard["env"] == compressed["env"] == env
