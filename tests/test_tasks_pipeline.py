@@ -27,7 +27,7 @@ TINY_MODEL = ["d_model=16", "n_layer=1", "n_head=2", "train_batch_size=4", "log_
               "test_batches=1", "ckpt_interval=2", "warmup_steps=2", "train_timesteps=4", "eval_episodes=3",
               "eval_streams=2", "val_episodes=2", "compress_interval=25", "eval_window_shift=25",
               "min_source_return=0"]  # Key-to-Door's configs train only on tasks the source learned; this tiny PPO learns none
-# compressed: up to 3 regions (Key-to-Door keeps 3, Darkroom-permuted 2): C r E C r E C r = 3 x 27 - 1 = 80
+# compressed: up to 3 regions (both envs keep 3): C r E C r E C r = 3 x 27 - 1 = 80
 N_TRANSIT = {"standard": "n_transit=50", "compressed": "n_transit=84"}
 
 
