@@ -57,6 +57,7 @@ TARGET_SPEEDUP = 2.0  # training targets/s vs this run's fp32 / default-threads 
 TARGETS_PER_S = {"standard": 115_000.0, "compressed": 110_000.0}
 MAIN_JOB_S = 1200.0
 COMPRESSED_SPEEDUP = 1.4
+DEFAULT_VS_FASTEST = 0.9  # the default precision's training speed / the fastest option's (within step-to-step noise)
 MEMORY_REDUCTION = 0.30
 EVAL_500_S = 30.0
 FLAT_MEMORY_MB = 10.0  # "no growth with episode count": the peak RSS may not grow by more over the last 4/5 of a run
@@ -191,6 +192,13 @@ def train_config(mode: str, options: dict) -> dict:
     return load_config(MODES[mode], [f"{k}={v}" for k, v in options.items() if k in ("mixed_precision", "traj_dir")])
 
 
+def uses_bf16(cfg: dict) -> bool:
+    """Whether train.py would autocast to bf16 with this config on this CPU (`auto` resolved as train.py does)."""
+    from hardware import resolve_precision
+
+    return resolve_precision(cfg["mixed_precision"], on_gpu=False)[0] == "bf16"
+
+
 def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> dict:
     """Time the training step with `options` (mixed_precision, compile, traj_dir)."""
     import torch
@@ -205,7 +213,7 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     torch.manual_seed(cfg["seed"])
     model = MODEL[cfg["model"]](ADConfig.from_dict(cfg)).train()
     fn = torch.compile(model) if options.get("compile") else model
-    bf16 = cfg["mixed_precision"] == "bf16"
+    bf16 = uses_bf16(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.99))
 
     def step(i: int, rows: int | None = None, f=fn) -> int:
@@ -263,7 +271,7 @@ def measure_profile(mode: str, options: dict, n_steps: int = 4) -> dict:
     torch.manual_seed(cfg["seed"])
     model = MODEL[cfg["model"]](ADConfig.from_dict(cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
-    bf16 = cfg["mixed_precision"] == "bf16"
+    bf16 = uses_bf16(cfg)
 
     def step(i):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -497,6 +505,182 @@ class Table:
             print(f"\n* measured while other processes competed for the CPU (timings depressed): {', '.join(self.busy)}")
 
 
+def bench_collect(args, k: int, table: Table, res: dict) -> None:
+    """PPO collection: seconds per goal per core, the 81-goal projection, the source's returns."""
+    n = SIZES["collect_goals"][k]
+    print(f"collection: PPO on {n} goals ...", flush=True)
+    c = res["collect"] = run_worker({"kind": "collect", "n_goals": n, "seed": args.seed}, args.retries)
+    table.add(f"collect: s per goal per core ({len(c['goals'])} goals, {c['n_process']} procs)",
+              c["s_per_goal_per_core"], target=COLLECT_81_S * c["n_process"] / 81, upper=True, unit=" s", busy=c["busy"])
+    table.add(f"collect: 81 goals on {c['n_process']} procs ({'measured' if len(c['goals']) == 81 else 'projected'})",
+              c["projected_81_goals_s"], "{:.0f}", COLLECT_81_S, upper=True, unit=" s", busy=c["busy"])
+    table.add("collect: PPO first-region return / optimum", c["first_region_return"] / c["optimum"], "{:.2f}")
+    table.add("collect: PPO last-region return / optimum", c["last_region_fraction"], "{:.2f}", COLLECT_FRACTION)
+    h = res["history_file"] = run_worker({"kind": "history"})["history"]
+    if h:
+        table.add(f"history file ({h['n_goals']} goals): last-region / optimum", h["last_region_fraction"], "{:.2f}",
+                  COLLECT_FRACTION)
+
+
+def train_variants(threads: int | None, default: str) -> dict:
+    """name -> (options, threads) of the training options compared; the first is the reference of every ratio.
+    `default`: what the config's mixed_precision (auto) resolves to on this machine ("no" or "bf16")."""
+    name = {"no": "fp32", "bf16": "bf16"}[default]
+    return {
+        "baseline (fp32, eager)": ({"mixed_precision": "no"}, threads),
+        "bf16": ({"mixed_precision": "bf16"}, threads),
+        "fp32 + compile": ({"mixed_precision": "no", "compile": True}, threads),
+        "bf16 + compile": ({"mixed_precision": "bf16", "compile": True}, threads),
+        f"default ({name}), 1 thread": ({"mixed_precision": default}, 1),
+    }
+
+
+def time_variants(variants: dict, traj: dict, k: int, retries: int) -> dict:
+    """(mode, variant) -> the best of several fresh processes (compile: one, it is slow to start): the same step runs
+    up to ~30% faster or slower from one process to the next (where the allocator puts things)."""
+    n, warm, reps = SIZES["train_steps"][k], SIZES["train_warmup"][k], SIZES["train_repeats"][k]
+    tr: dict = {}
+    for mode in MODES:
+        for name, (options, thr) in variants.items():
+            r = []
+            for rep in range(1 if "compile" in name else reps):
+                print(f"training: {mode}, {name} ({rep + 1}) ...", flush=True)
+                r.append(run_worker({"kind": "train", "mode": mode, "steps": n, "warmup": warm, "threads": thr,
+                                     "options": {**options, **traj}}, retries))
+            tr[mode, name] = max(r, key=lambda x: x["steps_per_s"]) | {"all_steps_per_s": [x["steps_per_s"] for x in r]}
+    return tr
+
+
+def bench_train(args, k: int, table: Table, res: dict, default: str) -> None:
+    """Training throughput per option against this run's fp32 baseline, the default against the fastest option, both
+    modes at once, a profile, the matmul peak, memory."""
+    traj = {"traj_dir": str(ensure_history())}
+    variants = train_variants(args.threads, default)
+    tr = time_variants(variants, traj, k, args.retries)
+    n, warm = SIZES["train_steps"][k], SIZES["train_warmup"][k]
+    print(f"training: both modes at once, default precision ({default}), 1 thread each ...", flush=True)
+    pair = run_workers_at_once([{"kind": "train", "mode": m, "steps": n, "warmup": warm, "threads": 1,
+                                 "options": {"mixed_precision": default, **traj}} for m in MODES])
+    print("profile and matmul peak ...", flush=True)
+    prof = {(m, p): run_worker({"kind": "profile", "mode": m, "threads": args.threads,
+                                "options": {"mixed_precision": p, **traj}}) for m in MODES for p in ("no", "bf16")}
+    peak = run_worker({"kind": "matmul", "mode": "standard", "threads": args.threads, "options": traj})
+    res["train"] = {f"{m}/{name}": r for (m, name), r in tr.items()} | {
+        "pair_1_thread_each": pair, "profile": {f"{m}/{p}": r for (m, p), r in prof.items()}, "matmul_peak": peak}
+    baseline, default_name = next(iter(variants)), {"no": "baseline (fp32, eager)", "bf16": "bf16"}[default]
+    for mode in MODES:
+        base = tr[mode, baseline]
+        for name in variants:
+            r = tr[mode, name]
+            table.add(f"train {mode}: targets/s, {name} (batch {r['batch_size']} x {r['seq_len']}, {r['threads']} thr)",
+                      r["targets_per_s"], "{:,.0f}", busy=r["busy"])
+            if name != baseline:
+                table.add(f"train {mode}: {name} / baseline", r["targets_per_s"] / base["targets_per_s"], "{:.2f}",
+                          unit="x", busy=r["busy"])
+        multi = [name for name in variants if "1 thread" not in name]
+        fastest = max(multi, key=lambda name: tr[mode, name]["targets_per_s"])
+        # the default is right when it is the fastest option, or within the ~10% a step varies between processes
+        table.add(f"train {mode}: default ({default_name}) / fastest option ({fastest})",
+                  tr[mode, default_name]["targets_per_s"] / tr[mode, fastest]["targets_per_s"], "{:.2f}", DEFAULT_VS_FASTEST,
+                  unit="x")
+        best = tr[mode, fastest]
+        table.add(f"train {mode}: fastest option vs target", best["targets_per_s"], "{:,.0f}", TARGETS_PER_S[mode],
+                  busy=best["busy"])
+        table.add(f"train {mode}: GFLOP/s achieved ({default_name}; {base['gflop_per_step']:.1f} GFLOP per step)",
+                  tr[mode, default_name]["gflop_per_s"], "{:.0f}")
+    both = sum(r["targets_per_s"] for r in pair)
+    base_both = statistics.mean(tr[m, baseline]["targets_per_s"] for m in MODES)
+    table.add(f"train: both modes at once ({default}, 1 thread each), machine targets/s", both, "{:,.0f}",
+              busy=[b for r in pair for b in r["busy"]])
+    table.add("train: machine throughput / baseline (one run on all cores)", both / base_both, "{:.2f}", unit="x")
+    for dt, rate in peak["gflop_per_s"].items():
+        table.add(f"matmul peak at the model's shapes, {dt} ({peak['threads']} thr)", rate, "{:.0f}", unit=" GFLOP/s")
+    for (m, p), r in prof.items():
+        shares = ", ".join(f"{name.split(' (')[0]} {v:.0%}" for name, v in r["shares"].items())
+        table.add(f"profile {m} {'bf16' if p == 'bf16' else 'fp32'}: ms/step; {shares}", r["ms_per_step"], "{:.0f}")
+    res["train_pair_s"] = {r["mode"]: r["median_step_s"] for r in pair}
+    s, c = tr["standard", default_name], tr["compressed", default_name]
+    table.add(f"train compressed / standard steps/s ({default_name})", c["steps_per_s"] / s["steps_per_s"], "{:.2f}",
+              COMPRESSED_SPEEDUP, busy=s["busy"] + c["busy"])
+    table.add("train memory reduction (saved activations)", 1 - c["saved_activations_mb"] / s["saved_activations_mb"],
+              "{:.3f}", MEMORY_REDUCTION)
+    table.add("train memory reduction (peak RSS growth)", 1 - c["peak_rss_growth_mb"] / s["peak_rss_growth_mb"],
+              "{:.3f}", MEMORY_REDUCTION)
+    res["projected_train_s"] = max(r["median_step_s"] for r in pair) * default_train_steps()
+
+
+def bench_eval(args, k: int, threads: int, table: Table, res: dict) -> None:
+    """In-context evaluation speed, cached and uncached, per mode (and one thread)."""
+    ev = {}
+    for mode in MODES:
+        for cached in (True, False):
+            n = SIZES["eval_cached_episodes" if cached else "eval_uncached_episodes"][k]
+            print(f"evaluation: {mode}, {'cached' if cached else 'uncached'}, {n} episodes ...", flush=True)
+            ev[f"{mode}_{'cached' if cached else 'uncached'}"] = run_worker(
+                {"kind": "eval", "mode": mode, "cached": cached, "episodes": n, "threads": args.threads,
+                 "run_dir": args.run_dir}, args.retries)
+    if threads != 1:  # one thread is slower on an idle machine but far steadier when other jobs share the cores
+        for mode in MODES:
+            n = SIZES["eval_cached_episodes"][k]
+            print(f"evaluation: {mode}, cached, {n} episodes, 1 thread ...", flush=True)
+            ev[f"{mode}_cached_1-thread"] = run_worker({"kind": "eval", "mode": mode, "cached": True, "episodes": n,
+                                                        "threads": 1, "run_dir": args.run_dir}, args.retries)
+    res["eval"] = ev
+    for key, r in ev.items():
+        how = "measured" if r["episodes"] == 500 else f"projected from {r['episodes']}"
+        table.add(f"eval {key.replace('_', ' ')}: steps/s ({r['streams']} streams, {r['model']} model)", r["steps_per_s"],
+                  "{:.0f}", busy=r["busy"])
+        table.add(f"eval {key.replace('_', ' ')}: 500 episodes ({how})", r["projected_500_s"], "{:.1f}",
+                  EVAL_500_S if r["cached"] else None, upper=True, unit=" s", busy=r["busy"])
+    for mode in MODES:
+        c, u = ev[f"{mode}_cached"], ev[f"{mode}_uncached"]
+        table.add(f"eval {mode}: cached / uncached speed", c["steps_per_s"] / u["steps_per_s"], "{:.1f}", unit="x",
+                  busy=c["busy"] + u["busy"])
+
+
+def bench_memory(args, k: int, table: Table, res: dict) -> None:
+    """Peak RSS of a long cached evaluation after 1/5 of its episodes and at the end; the longest context held."""
+    short, long = SIZES["memory_episodes"][k]
+    mem = {}
+    for mode in MODES:
+        print(f"memory: {mode}, cached, RSS after {short} and {long} episodes ...", flush=True)
+        r = mem[mode] = run_worker({"kind": "eval", "mode": mode, "cached": True, "episodes": long,
+                                    "threads": args.threads, "run_dir": args.run_dir, "rss_at": [short, long]},
+                                   args.retries)
+        rss = {int(n): v for n, v in r["peak_rss_mb_after_episodes"].items()}
+        table.add(f"eval {mode}: peak RSS growth, {short} -> {long} episodes", rss[long] - rss[short], "{:+.1f}",
+                  FLAT_MEMORY_MB, upper=True, unit=" MB")
+        table.add(f"eval {mode}: longest context (n_transit {r['n_transit']})", r["longest_context"], "{:.0f}",
+                  r["n_transit"], upper=True)
+    res["memory"] = mem
+
+
+def bench_projection(table: Table, res: dict) -> None:
+    """The default main job from the measured parts (needs the collect, train and eval sections)."""
+    ev = res["eval"]
+    ev_s = ev["standard_cached"]["projected_500_s"] + ev["compressed_cached"]["projected_500_s"]
+    total = res["collect"]["projected_81_goals_s"] + res["projected_train_s"] + ev_s
+    res["projected_main_job_s"] = total
+    table.add(f"main job projected: collect {res['collect']['projected_81_goals_s']:.0f} s + train both at once "
+              f"{res['projected_train_s']:.0f} s + evaluate {ev_s:.0f} s (no val rollouts / checkpoints)",
+              total, "{:.0f}", MAIN_JOB_S, upper=True, unit=" s")
+
+
+def machine_line(threads: int) -> tuple[str, str]:
+    """(the CPU line printed first, what mixed_precision=auto resolves to here: "no" or "bf16")."""
+    import torch
+
+    from hardware import cpu_info, resolve_precision
+
+    cpu = cpu_info()
+    default, _ = resolve_precision("auto", on_gpu=False, cpu=cpu)
+    line = (f"CPU: {cpu['model']}, {os.cpu_count()} cores, torch capability {cpu['capability']}, bf16 "
+            f"{'native' if cpu['bf16_native'] else 'emulated'} ({cpu['bf16_reason']}) -> mixed_precision=auto trains in "
+            f"{'bf16' if default == 'bf16' else 'fp32'}; torch {torch.__version__}, {threads} torch thread(s) for "
+            "training/evaluation, 1 per collection process")
+    return line, default
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="real sizes (all 81 goals, 500 episodes; ~10 min on 2 cores)")
@@ -521,152 +705,27 @@ def main():
     k = 1 if args.full else 0
     sections = {s.strip() for s in args.only.split(",")}
     threads = args.threads or torch.get_num_threads()
+    machine, default = machine_line(threads)
     others = busy_processes()
-    print(f"bench: {'--full' if args.full else 'small'} sizes, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{threads} torch thread(s) for training/evaluation; collection uses 1 thread per goal process")
+    print(f"bench: {'--full' if args.full else 'small'} sizes; {machine}")
     if others:
         print(f"WARNING: other busy processes share the CPU, timings are depressed: {others}")
-    res: dict = {"full": args.full, "threads": threads, "cpus": os.cpu_count(), "other_busy_processes": others}
+    res: dict = {"full": args.full, "threads": threads, "cpus": os.cpu_count(), "other_busy_processes": others,
+                 "machine": machine, "default_precision": default}
     table = Table()
     t0 = time.perf_counter()
-
     if "collect" in sections:
-        n = SIZES["collect_goals"][k]
-        print(f"collection: PPO on {n} goals ...", flush=True)
-        c = res["collect"] = run_worker({"kind": "collect", "n_goals": n, "seed": args.seed}, args.retries)
-        table.add(f"collect: s per goal per core ({len(c['goals'])} goals, {c['n_process']} procs)",
-                  c["s_per_goal_per_core"], target=COLLECT_81_S * c["n_process"] / 81, upper=True, unit=" s", busy=c["busy"])
-        table.add(f"collect: 81 goals on {c['n_process']} procs ({'measured' if len(c['goals']) == 81 else 'projected'})",
-                  c["projected_81_goals_s"], "{:.0f}", COLLECT_81_S, upper=True, unit=" s", busy=c["busy"])
-        table.add("collect: PPO first-region return / optimum", c["first_region_return"] / c["optimum"], "{:.2f}")
-        table.add("collect: PPO last-region return / optimum", c["last_region_fraction"], "{:.2f}", COLLECT_FRACTION)
-        h = res["history_file"] = run_worker({"kind": "history"})["history"]
-        if h:
-            table.add(f"history file ({h['n_goals']} goals): last-region / optimum", h["last_region_fraction"], "{:.2f}",
-                      COLLECT_FRACTION)
-
+        bench_collect(args, k, table, res)
     if "train" in sections:
-        traj = {"traj_dir": str(ensure_history())}
-        n, warm, reps = SIZES["train_steps"][k], SIZES["train_warmup"][k], SIZES["train_repeats"][k]
-        variants = {  # name -> (options, threads); "baseline" is the reference every ratio is taken against
-            "baseline (fp32, eager)": ({"mixed_precision": "no"}, args.threads),
-            "bf16": ({"mixed_precision": "bf16"}, args.threads),
-            "bf16 + compile": ({"mixed_precision": "bf16", "compile": True}, args.threads),
-            "bf16, 1 thread": ({"mixed_precision": "bf16"}, 1),
-        }
-        tr: dict = {}
-        for mode in MODES:
-            for name, (options, thr) in variants.items():
-                # the same step runs up to ~30% faster or slower from one process to the next (where the allocator
-                # puts things): several fresh processes per variant, best kept (compile: one, it is slow to start)
-                r = []
-                for rep in range(1 if "compile" in name else reps):
-                    print(f"training: {mode}, {name} ({rep + 1}) ...", flush=True)
-                    r.append(run_worker({"kind": "train", "mode": mode, "steps": n, "warmup": warm, "threads": thr,
-                                         "options": {**options, **traj}}, args.retries))
-                tr[mode, name] = max(r, key=lambda x: x["steps_per_s"]) | {"all_steps_per_s": [x["steps_per_s"] for x in r]}
-        print("training: both modes at once, bf16, 1 thread each ...", flush=True)
-        pair = run_workers_at_once([{"kind": "train", "mode": m, "steps": n, "warmup": warm, "threads": 1,
-                                     "options": {"mixed_precision": "bf16", **traj}} for m in MODES])
-        print("profile and matmul peak ...", flush=True)
-        prof = {(m, p): run_worker({"kind": "profile", "mode": m, "threads": args.threads,
-                                    "options": {"mixed_precision": p, **traj}}) for m in MODES for p in ("no", "bf16")}
-        peak = run_worker({"kind": "matmul", "mode": "standard", "threads": args.threads, "options": traj})
-        res["train"] = {f"{m}/{name}": r for (m, name), r in tr.items()} | {
-            "pair_1_thread_each": pair, "profile": {f"{m}/{p}": r for (m, p), r in prof.items()}, "matmul_peak": peak}
-        for mode in MODES:
-            base = tr[mode, "baseline (fp32, eager)"]
-            for name in variants:
-                r = tr[mode, name]
-                table.add(f"train {mode}: targets/s, {name} (batch {r['batch_size']} x {r['seq_len']}, {r['threads']} thr)",
-                          r["targets_per_s"], "{:,.0f}", busy=r["busy"])
-                if name != "baseline (fp32, eager)":
-                    table.add(f"train {mode}: {name} / baseline", r["targets_per_s"] / base["targets_per_s"], "{:.2f}",
-                              unit="x", busy=r["busy"])
-            best = max((tr[mode, name] for name in variants if "1 thread" not in name), key=lambda x: x["targets_per_s"])
-            table.add(f"train {mode}: best single run ({best['options'].get('mixed_precision')}"
-                      f"{', compile' if best['options'].get('compile') else ''}) vs target",
-                      best["targets_per_s"], "{:,.0f}", TARGETS_PER_S[mode], busy=best["busy"])
-            table.add(f"train {mode}: best single run / baseline", best["targets_per_s"] / base["targets_per_s"], "{:.2f}",
-                      TARGET_SPEEDUP, unit="x")
-            table.add(f"train {mode}: GFLOP/s achieved (bf16; {base['gflop_per_step']:.1f} GFLOP per step)",
-                      tr[mode, "bf16"]["gflop_per_s"], "{:.0f}")
-        both = sum(r["targets_per_s"] for r in pair)
-        base_both = statistics.mean(tr[m, "baseline (fp32, eager)"]["targets_per_s"] for m in MODES)
-        table.add("train: both modes at once (bf16, 1 thread each), machine targets/s", both, "{:,.0f}",
-                  busy=[b for r in pair for b in r["busy"]])
-        table.add("train: machine throughput / baseline (one run on all cores)", both / base_both, "{:.2f}", TARGET_SPEEDUP,
-                  unit="x")
-        for dt, rate in peak["gflop_per_s"].items():
-            table.add(f"matmul peak at the model's shapes, {dt} ({peak['threads']} thr)", rate, "{:.0f}", unit=" GFLOP/s")
-        for (m, p), r in prof.items():
-            shares = ", ".join(f"{name.split(' (')[0]} {v:.0%}" for name, v in r["shares"].items())
-            table.add(f"profile {m} {'bf16' if p == 'bf16' else 'fp32'}: ms/step; {shares}", r["ms_per_step"], "{:.0f}")
-        s_std = [r for r in pair if r["mode"] == "standard"][0]
-        s_cmp = [r for r in pair if r["mode"] == "compressed"][0]
-        res["train_pair_s"] = {r["mode"]: r["median_step_s"] for r in pair}
-        s, c = tr["standard", "bf16"], tr["compressed", "bf16"]
-        table.add("train compressed / standard steps/s (bf16)", c["steps_per_s"] / s["steps_per_s"], "{:.2f}", COMPRESSED_SPEEDUP,
-                  busy=s["busy"] + c["busy"])
-        table.add("train memory reduction (saved activations)", 1 - c["saved_activations_mb"] / s["saved_activations_mb"],
-                  "{:.3f}", MEMORY_REDUCTION)
-        table.add("train memory reduction (peak RSS growth)", 1 - c["peak_rss_growth_mb"] / s["peak_rss_growth_mb"],
-                  "{:.3f}", MEMORY_REDUCTION)
-        res["projected_train_s"] = max(r["median_step_s"] for r in (s_std, s_cmp)) * default_train_steps()
-
+        bench_train(args, k, table, res, default)
     if "eval" in sections:
-        ev = {}
-        for mode in MODES:
-            for cached in (True, False):
-                n = SIZES["eval_cached_episodes" if cached else "eval_uncached_episodes"][k]
-                print(f"evaluation: {mode}, {'cached' if cached else 'uncached'}, {n} episodes ...", flush=True)
-                ev[f"{mode}_{'cached' if cached else 'uncached'}"] = run_worker(
-                    {"kind": "eval", "mode": mode, "cached": cached, "episodes": n, "threads": args.threads,
-                     "run_dir": args.run_dir}, args.retries)
-        if threads != 1:  # one thread is slower on an idle machine but far steadier when other jobs share the cores
-            for mode in MODES:
-                n = SIZES["eval_cached_episodes"][k]
-                print(f"evaluation: {mode}, cached, {n} episodes, 1 thread ...", flush=True)
-                ev[f"{mode}_cached_1-thread"] = run_worker({"kind": "eval", "mode": mode, "cached": True, "episodes": n,
-                                                            "threads": 1, "run_dir": args.run_dir}, args.retries)
-        res["eval"] = ev
-        for key, r in ev.items():
-            how = "measured" if r["episodes"] == 500 else f"projected from {r['episodes']}"
-            table.add(f"eval {key.replace('_', ' ')}: steps/s ({r['streams']} streams, {r['model']} model)", r["steps_per_s"],
-                      "{:.0f}", busy=r["busy"])
-            table.add(f"eval {key.replace('_', ' ')}: 500 episodes ({how})", r["projected_500_s"], "{:.1f}",
-                      EVAL_500_S if r["cached"] else None, upper=True, unit=" s", busy=r["busy"])
-        for mode in MODES:
-            c, u = ev[f"{mode}_cached"], ev[f"{mode}_uncached"]
-            table.add(f"eval {mode}: cached / uncached speed", c["steps_per_s"] / u["steps_per_s"], "{:.1f}", unit="x",
-                      busy=c["busy"] + u["busy"])
-
+        bench_eval(args, k, threads, table, res)
     if "memory" in sections:
-        short, long = SIZES["memory_episodes"][k]
-        mem = {}
-        for mode in MODES:
-            print(f"memory: {mode}, cached, RSS after {short} and {long} episodes ...", flush=True)
-            r = mem[mode] = run_worker({"kind": "eval", "mode": mode, "cached": True, "episodes": long,
-                                        "threads": args.threads, "run_dir": args.run_dir, "rss_at": [short, long]},
-                                       args.retries)
-            rss = {int(n): v for n, v in r["peak_rss_mb_after_episodes"].items()}
-            table.add(f"eval {mode}: peak RSS growth, {short} -> {long} episodes", rss[long] - rss[short], "{:+.1f}",
-                      FLAT_MEMORY_MB, upper=True, unit=" MB")
-            table.add(f"eval {mode}: longest context (n_transit {r['n_transit']})", r["longest_context"], "{:.0f}",
-                      r["n_transit"], upper=True)
-        res["memory"] = mem
-
+        bench_memory(args, k, table, res)
     if "projected_train_s" in res and "collect" in res and "eval" in res:
-        ev = res["eval"]
-        ev_s = ev["standard_cached"]["projected_500_s"] + ev["compressed_cached"]["projected_500_s"]
-        total = res["collect"]["projected_81_goals_s"] + res["projected_train_s"] + ev_s
-        res["projected_main_job_s"] = total
-        table.add(f"main job projected: collect {res['collect']['projected_81_goals_s']:.0f} s + train both at once "
-                  f"{res['projected_train_s']:.0f} s + evaluate {ev_s:.0f} s (no val rollouts / checkpoints)",
-                  total, "{:.0f}", MAIN_JOB_S, upper=True, unit=" s")
-
-    title = (f"`python bench.py{' --full' if args.full else ''}`: {threads} torch thread(s), {os.cpu_count()} CPUs, "
-             f"{time.perf_counter() - t0:.0f} s" + (", OTHER PROCESSES WERE BUSY" if others else ""))
+        bench_projection(table, res)
+    title = (f"`python bench.py{' --full' if args.full else ''}`: {machine}; {time.perf_counter() - t0:.0f} s"
+             + (", OTHER PROCESSES WERE BUSY" if others else ""))
     table.print(title)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

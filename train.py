@@ -19,6 +19,7 @@ import math
 import os
 import random
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from common import DEFAULT_MODEL_CONFIG, UserError, add_config_args, default_run_dir, history_path, load_config, run_main
 from dataset import HistoryDataset
 from env import task_family, task_split
+from hardware import bf16_warning, resolve_precision
 from model import MODEL, ADConfig, weights_digest
 
 CKPT = "ckpt.pt"
@@ -261,12 +263,12 @@ class Logger:
 
 
 def announce(cfg: dict, run_dir: Path, model, accelerator: Accelerator, log, ckpt, restart: bool, start_step: int,
-             horizon: int, hist: Path) -> None:
+             horizon: int, hist: Path, precision: dict) -> None:
     """The main process's first lines: what is trained where, and the hyper-parameters in TensorBoard."""
     if restart:
         print(f"no checkpoint in {run_dir} yet (stopped before the first one): starting again from step 0")
     if not ckpt:
-        table = "\n".join(f"| {k} | {v} |" for k, v in cfg.items())
+        table = "\n".join(f"| {k} | {v} |" for k, v in (cfg | precision).items())  # + the precision auto chose
         log.writer.add_text("hparams", "| key | value |\n|---|---|\n" + table, 0)
     if horizon != cfg["train_timesteps"]:
         print(f"note: the LR schedule keeps the horizon of {horizon} steps this run started with; "
@@ -278,8 +280,9 @@ def announce(cfg: dict, run_dir: Path, model, accelerator: Accelerator, log, ckp
           f"history {hist}")
 
 
-def make_accelerator(cfg: dict) -> Accelerator:
-    """Threads, determinism and precision, then the Accelerator (CPU unless a GPU is present)."""
+def make_accelerator(cfg: dict) -> tuple[Accelerator, dict]:
+    """Threads, determinism and precision, then the Accelerator (CPU unless a GPU is present). Returns it with the
+    precision decision: {"mixed_precision": what was asked, "precision": what trains, "precision_reason": why}."""
     if cfg["deterministic"]:  # before CUDA starts: cuBLAS reads its workspace setting once
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -288,8 +291,14 @@ def make_accelerator(cfg: dict) -> Accelerator:
     on_gpu = torch.cuda.is_available()
     if cfg["mixed_precision"] == "fp16" and not on_gpu:
         raise UserError("mixed_precision=fp16 needs a GPU (on CPU accelerate would silently train in fp32); "
-                        "use mixed_precision=bf16 or no")
-    return Accelerator(mixed_precision=cfg["mixed_precision"], cpu=not on_gpu)
+                        "use mixed_precision=auto, bf16 or no")
+    gpu_bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    precision, reason = resolve_precision(cfg["mixed_precision"], on_gpu, gpu_bf16)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not on_gpu)
+    warning = bf16_warning(precision, on_gpu)
+    if accelerator.is_main_process:
+        print(warning or reason, file=sys.stderr if warning else sys.stdout, flush=True)
+    return accelerator, {"mixed_precision": cfg["mixed_precision"], "precision": precision, "precision_reason": reason}
 
 
 def save_checkpoint(path: Path, raw_model, opt, sched, accelerator: Accelerator, log, cfg: dict, horizon: int,
@@ -312,7 +321,7 @@ def save_checkpoint(path: Path, raw_model, opt, sched, accelerator: Accelerator,
 
 
 def write_summary(run_dir: Path, cfg: dict, accelerator: Accelerator, start_step: int, seconds: float, n_targets: int,
-                  last_val: dict, digests: list[str]) -> None:
+                  last_val: dict, digests: list[str], precision: dict) -> None:
     steps_done = cfg["train_timesteps"] - start_step
     summary = {
         "steps": cfg["train_timesteps"],
@@ -323,6 +332,7 @@ def write_summary(run_dir: Path, cfg: dict, accelerator: Accelerator, start_step
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "num_processes": accelerator.num_processes,
         "weights_sha256_per_rank": digests,
+        **precision,
         **{f"val/{k}": v for k, v in last_val.items()},
     }
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -338,7 +348,7 @@ def main():
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    accelerator = make_accelerator(cfg)
+    accelerator, precision = make_accelerator(cfg)
     main_proc = accelerator.is_main_process
 
     # ---- build: resume decision, data, model, optimiser -------------------------------------------------------
@@ -374,7 +384,7 @@ def main():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     log = Logger(run_dir, start_step, bool(ckpt), main_proc)
     if main_proc:
-        announce(cfg, run_dir, model, accelerator, log, ckpt, restart, start_step, horizon, hist)
+        announce(cfg, run_dir, model, accelerator, log, ckpt, restart, start_step, horizon, hist, precision)
 
     # ---- the loop: step, then log / validate / checkpoint on their intervals ----------------------------------
     running, last_val = MetricSum(cfg["use_compressed_context"]), {}
@@ -422,7 +432,8 @@ def main():
     # ---- finish: summary, and every rank checks it holds the same weights -------------------------------------
     digests = gather_object([weights_digest(raw_model.state_dict())])  # one per rank; DDP keeps them equal
     if main_proc:
-        write_summary(run_dir, cfg, accelerator, start_step, time.perf_counter() - t_start, n_targets, last_val, digests)
+        write_summary(run_dir, cfg, accelerator, start_step, time.perf_counter() - t_start, n_targets, last_val, digests,
+                      precision)
         log.close()
     # Free the DDP wrapper (it holds the process group) on every rank before the group is destroyed together;
     # left to interpreter exit, gloo's threads die with `terminate called without an active exception`.
