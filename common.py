@@ -196,8 +196,8 @@ def validate(cfg: dict) -> dict:
     for k in ("n_val_tasks", "n_train_tasks", "n_test_tasks", "val_episodes", "val_streams", "num_threads"):
         if cfg.get(k, 0) < 0:
             raise UserError(f"config key '{k}' must be >= 0, got {cfg[k]!r}")
-    if cfg.get("mixed_precision", "no") not in ("no", "fp16", "bf16"):
-        raise UserError(f"mixed_precision must be one of no, fp16, bf16; got {cfg['mixed_precision']!r}")
+    if cfg.get("mixed_precision", "no") not in ("auto", "no", "fp16", "bf16"):
+        raise UserError(f"mixed_precision must be one of auto, no, fp16, bf16; got {cfg['mixed_precision']!r}")
     return cfg
 
 
