@@ -207,6 +207,7 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     from common import history_path
     from dataset import HistoryDataset
     from model import MODEL, ADConfig
+    from model.optim import param_groups
 
     cfg = train_config(mode, options)
     data = HistoryDataset(history_path(cfg), cfg, "train", cfg["train_batch_size"], cfg["seed"])
@@ -214,7 +215,7 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     model = MODEL[cfg["model"]](ADConfig.from_dict(cfg)).train()
     fn = torch.compile(model) if options.get("compile") else model
     bf16 = uses_bf16(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["weight_decay_on"]), lr=cfg["lr"], betas=(0.9, 0.99))
 
     def step(i: int, rows: int | None = None, f=fn) -> int:
         batch = data.batch(i)

@@ -43,7 +43,7 @@ SCHEMA: dict[str, type] = {
     "compress_interval": int, "max_regions": int, "token_type_loss_weight": float, "min_source_return": float,
     "d_model": int, "n_layer": int, "n_head": int, "dropout": float, "state_embedding": str, "compile": bool,
     # training
-    "seed": int, "train_timesteps": int, "train_batch_size": int, "lr": float, "weight_decay": float,
+    "seed": int, "train_timesteps": int, "train_batch_size": int, "lr": float, "weight_decay": float, "weight_decay_on": str,
     "warmup_steps": int, "grad_clip": float, "mixed_precision": str, "deterministic": bool, "log_interval": int,
     "test_interval": int, "test_batches": int, "ckpt_interval": int, "num_threads": int, "val_episodes": int,
     "val_streams": int,
@@ -196,6 +196,8 @@ def validate(cfg: dict) -> dict:
     for k in ("n_val_tasks", "n_train_tasks", "n_test_tasks", "val_episodes", "val_streams", "num_threads"):
         if cfg.get(k, 0) < 0:
             raise UserError(f"config key '{k}' must be >= 0, got {cfg[k]!r}")
+    if cfg.get("weight_decay_on", "all") not in ("all", "matrices"):
+        raise UserError(f"weight_decay_on must be all or matrices; got {cfg['weight_decay_on']!r}")
     if cfg.get("mixed_precision", "no") not in ("auto", "no", "fp16", "bf16"):
         raise UserError(f"mixed_precision must be one of auto, no, fp16, bf16; got {cfg['mixed_precision']!r}")
     return cfg

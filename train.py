@@ -36,6 +36,7 @@ from dataset import HistoryDataset
 from env import task_family, task_split
 from hardware import bf16_warning, resolve_precision
 from model import MODEL, ADConfig, weights_digest
+from model.optim import param_groups
 
 CKPT = "ckpt.pt"
 LAUNCHER_LOG = "train.log"  # the workflow / study write train.py's output here before it starts
@@ -100,7 +101,8 @@ def build(cfg: dict, horizon: int | None = None):
     rebuild it."""
     torch.manual_seed(cfg["seed"])
     model = MODEL[cfg["model"]](ADConfig.from_dict(cfg))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.99))
+    groups = param_groups(model, cfg["weight_decay"], cfg.get("weight_decay_on", "all"))  # runs from before the key: all
+    opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, horizon))
     return model, opt, sched
 
