@@ -1,10 +1,10 @@
 """Train SB3 PPO on every task (goal) of an env and log each stream's whole learning history to one HDF5 file.
 
     python collect.py [--config config/algorithm/ppo_darkroom.yaml] [--force] [key=value ...]
-    python collect.py --config config/algorithm/ppo_dark_key_to_door.yaml --tasks 0:3000 --out shard0.hdf5  # a shard
+    python collect.py --config config/algorithm/ppo_dark_key_to_door.yaml --goals 0:3000 --out shard0.hdf5  # a shard
 
 The env (`env` key) decides the tasks (env/registry.py): by default every task of its train/val/test selection;
-`--goals`/`--tasks` name ids or ranges A:B of them (merge_histories.py joins shards). Each goal runs `n_stream`
+`--goals` names ids or ranges A:B of them (merge_histories.py joins shards). Each goal runs `n_stream`
 parallel streams for `total_source_timesteps` steps each, in PPO rollouts of `n_steps` (or, with a list such as
 `n_steps: [40, 80, 120]`, of a length drawn per goal from (alg_seed, goal), or with `n_steps_per: stream` every length
 in every goal, one PPO learner per length on its share of the streams; stored in the goal's attrs). A `<compress>`
@@ -14,7 +14,6 @@ built under `<name>.partial` and renamed when complete; a killed run resumes fro
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import signal
@@ -31,12 +30,19 @@ from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
 from common import (
+    COLLECTION_KEYS,
     DEFAULT_COLLECT_CONFIG,
     UserError,
     add_config_args,
+    add_print_config,
+    add_renamed_flag,
+    apply_overrides,
     history_path,
     load_config,
+    make_parser,
+    parse_cli,
     parse_goals,
+    print_config,
     run_main,
     stream_n_steps,
 )
@@ -212,17 +218,23 @@ def open_partial(partial: Path, cfg: dict) -> tuple[h5py.File, set]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, DEFAULT_COLLECT_CONFIG)
+    parser = make_parser(__doc__)
+    add_config_args(parser, DEFAULT_COLLECT_CONFIG,
+                    keys="a collection key (env, PPO, n_stream, n_process, traj_dir, ...), anywhere among the options")
+    add_print_config(parser)
     parser.add_argument("--force", action="store_true",
                         help="replace an existing history file (kept until the new one is complete)")
-    parser.add_argument("--goals", "--tasks", dest="goals", default=None,
+    parser.add_argument("--goals", default=None,
                         help="task ids and ranges A:B (half-open: the selected tasks with ids in it) to collect, e.g. "
                         "0,5,9 or 0:40 (default: every task of the train/val/test selection)")
+    add_renamed_flag(parser, "--tasks", "--goals")
     parser.add_argument("--out", default=None,
-                        help="output HDF5 path (default: <traj_dir>/history_<env>_<alg>_alg-seed<seed>.hdf5)")
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
+                        help="output HDF5 file (default: <traj_dir>/history_<env>_<alg>_alg-seed<seed>.hdf5)")
+    args = parse_cli(parser)
+    cfg = apply_overrides(load_config(args.config), args.overrides, COLLECTION_KEYS, "the collection config",
+                          script="collect.py")
+    if args.print_config:
+        print_config(cfg)
     family, selection = task_family(cfg), selected_tasks(cfg)
     goals = parse_goals(args.goals, family.n_tasks(cfg), selection) if args.goals else selection
     out = Path(args.out) if args.out else history_path(cfg)

@@ -41,11 +41,13 @@ SCHEMA: dict[str, type] = {
     # model
     "model": str, "run_name": str, "use_compressed_context": bool, "n_transit": int,
     "compress_interval": int, "max_regions": int, "token_type_loss_weight": float, "min_source_return": float,
+    "region_stride": int, "first_region_any": bool, "target": str,
     "d_model": int, "n_layer": int, "n_head": int, "dropout": float, "state_embedding": str, "compile": bool,
+    "use_summary": bool, "n_summary": int, "max_summaries": int, "summary_mode": str, "summary_train_regions": int,
     # training
     "seed": int, "train_timesteps": int, "train_batch_size": int, "lr": float, "weight_decay": float, "weight_decay_on": str,
     "warmup_steps": int, "grad_clip": float, "mixed_precision": str, "deterministic": bool, "log_interval": int,
-    "test_interval": int, "test_batches": int, "ckpt_interval": int, "num_threads": int, "val_episodes": int,
+    "val_interval": int, "val_batches": int, "ckpt_interval": int, "num_threads": int, "val_episodes": int,
     "val_streams": int,
     # evaluation
     "eval_episodes": int, "eval_streams": int, "eval_temperature": float, "eval_window_shift": int,
@@ -55,13 +57,36 @@ SCHEMA: dict[str, type] = {
 # the env keys (config/env/*.yaml, and n_train_tasks / n_test_tasks where an env's file leaves them out): they choose the
 # tasks, so a collection takes them as well as a model config
 ENV_KEYS = ("env", "grid_size", "horizon", "env_split_seed", "train_env_ratio", "n_val_tasks", "n_train_tasks", "n_test_tasks")
+# every key collect.py reads: the env keys, the source algorithm's, and where / how (n_process, traj_dir);
+# history.COLLECT_KEYS is the subset that defines what is in the file. visualize_compression.py reads the same.
+COLLECTION_KEYS = ENV_KEYS + (
+    "alg", "alg_seed", "n_steps", "n_steps_per", "n_stream", "total_source_timesteps", "ppo_batch_size", "ppo_n_epochs",
+    "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda", "ppo_clip_range", "ppo_net_arch", "ppo_observe_stage",
+    "n_process", "traj_dir",
+)
 POSITIVE = {
     "grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps", "ppo_batch_size",
     "ppo_n_epochs", "ppo_lr", "ppo_net_arch", "n_process", "n_transit", "compress_interval",
-    "max_regions", "d_model", "n_layer", "n_head", "train_timesteps", "train_batch_size", "lr",
-    "log_interval", "test_interval", "test_batches", "ckpt_interval", "eval_episodes", "eval_streams",
+    "max_regions", "region_stride", "d_model", "n_layer", "n_head", "train_timesteps", "train_batch_size", "lr",
+    "log_interval", "val_interval", "val_batches", "ckpt_interval", "eval_episodes", "eval_streams",
     "eval_temperature", "eval_window_shift",
 }
+
+
+# old key -> its new name: an old key is refused in one line naming the new one (a checkpoint's config may still hold it)
+RENAMED_KEYS = {"test_interval": "val_interval", "test_batches": "val_batches"}
+# keys that may differ between a checkpoint and the config that resumes it (old names included: runs trained before)
+RESUMABLE_KEYS = {
+    "train_timesteps", "log_interval", "val_interval", "val_batches", "ckpt_interval", "n_process", "traj_dir",
+    "eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "eval_seed", "eval_prune",
+    "eval_close_threshold", "eval_first_region", "num_threads", "val_episodes", "val_streams", *RENAMED_KEYS,
+}
+
+
+def config_diff(old: dict, cfg: dict) -> str | None:
+    """The first key (other than RESUMABLE_KEYS) on which a saved run's config and this one differ, as text."""
+    diff = [k for k in sorted(set(cfg) | set(old)) if k not in RESUMABLE_KEYS and old.get(k) != cfg.get(k)]
+    return f"{diff[0]}={old.get(diff[0])!r}, not {cfg.get(diff[0])!r}" if diff else None
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
@@ -85,6 +110,8 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
 
 
 def _check_type(key: str, value, source: str):
+    if key in RENAMED_KEYS:
+        raise UserError(f"config key '{key}' is now '{RENAMED_KEYS[key]}' ({source}); rename it")
     if key not in SCHEMA:
         raise UserError(f"unknown config key '{key}' ({source}); valid keys: see config/*/*.yaml")
     want = SCHEMA[key]
@@ -178,6 +205,7 @@ def validate(cfg: dict) -> dict:
                 f"n_transit={cfg['n_transit']} is too small for {cfg['max_regions']} regions of "
                 f"{cfg['compress_interval']} steps plus markers: set n_transit>={need}"
             )
+    validate_summary(cfg)
     if not 0.0 <= cfg.get("eval_close_threshold", EVAL_DEFAULTS["eval_close_threshold"]) < 1.0:
         raise UserError(f"eval_close_threshold must be in [0, 1) (0: the head's argmax), got {cfg['eval_close_threshold']!r}")
     if not 0.0 <= cfg.get("min_source_return", 0.0) <= 1.0:
@@ -214,8 +242,47 @@ PRUNE_RULES = ("model", "fixed")  # compressed evaluation: close a region when t
 
 def max_region_steps(cfg: dict) -> int:
     """The longest region evaluation keeps open (then closes it, a forced close): `max_regions` of them with their
-    markers must fit in `n_transit` positions."""
+    markers (and summaries) must fit in `n_transit` positions."""
+    if cfg.get("use_summary"):
+        n, m = cfg["n_summary"], cfg["max_regions"]
+        return min((cfg["n_transit"] + 1 + n) // m - 2 - n, cfg["n_transit"] - 2 - n)  # raw part; one pruned region
     return (cfg["n_transit"] + 1) // cfg["max_regions"] - 2
+
+
+SUMMARY_MODES = ("accumulate", "recurrent")  # model/summary.py
+
+
+def min_summary_context(interval: int, max_regions: int, n_summary: int) -> int:
+    """Positions summary mode needs: the raw part `C r E S^n ... C r` and a pruned region `C r E S^n` (model/summary.py)."""
+    return max(max_regions * (interval + 2 + n_summary) - 1 - n_summary, interval + 2 + n_summary)
+
+
+def validate_summary(cfg: dict) -> None:
+    """Summary tokens (issue 27): one line for each inconsistent setting."""
+    if not cfg.get("use_summary"):
+        return
+    if not cfg.get("use_compressed_context"):
+        raise UserError("use_summary=true needs use_compressed_context=true: summaries are written at each </compress>")
+    if cfg.get("region_stride", 1) != 1:
+        raise UserError(f"use_summary=true trains on consecutive regions, as evaluation keeps them: set region_stride=1 "
+                        f"(got {cfg['region_stride']})")
+    n, mode, kept = cfg.get("n_summary", 0), cfg.get("summary_mode", "accumulate"), cfg.get("max_summaries", 1)
+    if n < 1:
+        raise UserError(f"use_summary=true needs n_summary>=1 (summary tokens per closed region), got {n!r}")
+    if mode not in SUMMARY_MODES:
+        raise UserError(f"summary_mode must be one of {', '.join(SUMMARY_MODES)}; got {mode!r}")
+    if kept < 1 or (mode == "recurrent" and kept != 1):
+        fix = "set max_summaries=1 (recurrent keeps one summary) or summary_mode=accumulate" if kept >= 1 else "set it >= 1"
+        raise UserError(f"max_summaries={kept} does not fit summary_mode={mode}: {fix}")
+    back = cfg.get("summary_train_regions", 0)
+    if back < 0 or 0 < back < kept:
+        raise UserError(f"summary_train_regions={back} must be 0 (= max_summaries) or >= max_summaries={kept}: a training "
+                        "sample holds every pruned region whose summary an evaluation context keeps")
+    if "n_transit" in cfg:
+        need = min_summary_context(cfg["compress_interval"], cfg["max_regions"], n)
+        if cfg["n_transit"] < need:
+            raise UserError(f"n_transit={cfg['n_transit']} is too small for {cfg['max_regions']} regions of "
+                            f"{cfg['compress_interval']} steps plus markers and {n} summary tokens each: set n_transit>={need}")
 
 
 def min_compressed_context(interval: int, max_regions: int) -> int:
@@ -223,12 +290,21 @@ def min_compressed_context(interval: int, max_regions: int) -> int:
     return max_regions * (interval + 2) - 1
 
 
-def apply_overrides(cfg: dict, overrides: list[str], allowed: tuple[str, ...], what: str) -> dict:
-    """`cfg` with `key=value` overrides of the `allowed` keys only (type-checked, then `validate`d); any other key
-    is refused, naming what fixes it (e.g. a checkpoint's config: only eval keys may change)."""
+def reader_of(key: str) -> str:
+    """The script a config key is for (the one that reads it; train.py also reads the collection and eval keys)."""
+    return "collect.py" if key in COLLECTION_KEYS else "evaluate.py" if key in EVAL_KEYS else "train.py"
+
+
+def apply_overrides(cfg: dict, overrides: list[str] | dict, allowed: tuple[str, ...], what: str,
+                    script: str | None = None) -> dict:
+    """`cfg` with `key=value` overrides (strings, or a dict of values) of the `allowed` keys only (type-checked, then
+    `validate`d); any other key is refused in one line: fixed by `what` (e.g. a checkpoint's config: only eval keys may
+    change), or, with `script`, not read by that script (naming the one that reads it)."""
     cfg = dict(cfg)
-    for k, v in parse_overrides(overrides).items():
-        if k not in allowed:
+    for k, v in (parse_overrides(overrides) if isinstance(overrides, list) else overrides).items():
+        if k in SCHEMA and k not in allowed:
+            if script:
+                raise UserError(f"{script} does not read '{k}' ({reader_of(k)} does); it takes {', '.join(allowed)}")
             raise UserError(f"'{k}' is fixed by {what}; only {', '.join(allowed)} can be set here")
         cfg[k] = _check_type(k, v, "command-line override")
     return validate(cfg)
@@ -292,10 +368,64 @@ def default_run_dir(cfg: dict) -> Path:
     return Path("runs") / f"{cfg['run_name']}-seed{cfg['seed']}"
 
 
-def add_config_args(parser: argparse.ArgumentParser, default_config: Path) -> None:
+# ---- the command line every script shares (one convention: hyphenated flags, key=value anywhere, defaults in --help) ----
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the module docstring as written, and each option's default (where its help does not
+    already state it in words, as it must for a default of None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default:" in text or action.default is None or action.default == []:
+            return text
+        return super()._get_help_string(action)
+
+
+def make_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A script's argument parser: `doc` (its module docstring) as the description, defaults shown in --help."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, taking `key=value` overrides anywhere among the options, in order, into `args.overrides`;
+    any other argument the parser does not know is its usual error."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [*(getattr(args, "overrides", None) or []), *extra]
+    unknown = [a for a in overrides if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides are key=value)")
+    args.overrides = overrides
+    return args
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_config: Path,
+                    keys: str = "any config key, e.g. train_timesteps=100") -> None:
+    """`--config FILE` and the `key=value` overrides (of `keys`, as the help says)."""
     parser.add_argument("--config", default=str(default_config),
                         help=f"YAML config (default: {default_config.relative_to(ROOT)})")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. train_timesteps=100")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"override {keys}")
+
+
+def add_print_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (include: files merged, key=value overrides applied) as YAML and exit")
+
+
+def print_config(cfg: dict) -> None:
+    """`--print-config`: the resolved config as YAML on stdout, then exit 0."""
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    sys.exit(0)
+
+
+def add_renamed_flag(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Refuse a flag's old spelling in one line naming the new one (the old one is hidden from --help)."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, *args, **kwargs):
+            raise UserError(f"{old} is now {new}; see --help")
+
+    parser.add_argument(old, nargs="?", action=Renamed, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def run_main(main) -> None:

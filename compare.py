@@ -1,23 +1,23 @@
 """Standard vs compressed AD: one report from two finished, evaluated runs.
 
-    python compare.py --standard runs/AD-darkroom-seed0 --compressed runs/AD-darkroom-compressed-seed0 [--out runs/compare]
+    python compare.py --standard runs/AD-darkroom-seed0 --compressed runs/AD-darkroom-compressed-seed0 [--out-dir runs/compare]
 
 Reads each run's train_summary.json, eval_summary.json and eval_result.npy (written by train.py and evaluate.py)
-and writes OUT/report.md (Markdown tables), OUT/report.json (the same numbers), OUT/learning_curves.png
-(in-context return vs episode, both modes, oracle line) and OUT/per_goal.png (held-out goals, both modes).
+and writes OUT_DIR/report.md (Markdown tables), OUT_DIR/report.json (the same numbers), OUT_DIR/learning_curves.png
+(in-context return vs episode, both modes, oracle line) and OUT_DIR/per_goal.png (held-out goals, both modes).
 `example_compressed_training.py --mode compare` calls `write_report` with its two run dirs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from common import UserError, run_main
+from common import UserError, add_renamed_flag, make_parser, run_main
+from plots import pyplot, task_label
 
 MODES = ("standard", "compressed")
 COLORS = {"standard": "tab:blue", "compressed": "tab:green"}
@@ -99,21 +99,6 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
         return y
     kernel = np.ones(window)
     return np.convolve(y, kernel, "same") / np.convolve(np.ones_like(y), kernel, "same")
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (imported on first use: it costs a second)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def task_label(g: dict) -> str:
-    """A per-goal entry's task description (summaries from before the env registry hold the Darkroom goal `pos`)."""
-    return g["task"] if "task" in g else "goal ({},{})".format(*g["pos"])
 
 
 def plot_learning_curves(runs: dict, optimum_mean: float, path: Path, env: str) -> None:
@@ -277,15 +262,14 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--standard", required=True, help="run dir of the standard-mode run (trained and evaluated)")
     parser.add_argument("--compressed", required=True, help="run dir of the compressed-mode run (trained and evaluated)")
-    parser.add_argument(
-        "--out", default="runs/compare", help="where report.md, report.json and the PNGs go (default: runs/compare)"
-    )
+    parser.add_argument("--out-dir", default="runs/compare", help="directory for report.md, report.json and the PNGs")
+    add_renamed_flag(parser, "--out", "--out-dir")
     args = parser.parse_args()
-    write_report(args.standard, args.compressed, args.out)
-    out = Path(args.out)
+    write_report(args.standard, args.compressed, args.out_dir)
+    out = Path(args.out_dir)
     print((out / "report.md").read_text())
     for name in ("report.md", "report.json", "learning_curves.png", "per_goal.png"):
         print(f"wrote {out / name}")

@@ -1,9 +1,12 @@
 """Training sequences sampled from the PPO learning histories (docs/design.md §3).
 
 - Standard mode: a window of `n_transit` consecutive steps of one stream, an action target at every step.
-- Compressed mode: `max_regions` consecutive regions of one stream, `C r_{k-m+1} E ... E C r_k` (fewer at the start
-  of a history: `C r_0`, `C r_0 E C r_1`, ...), exactly the contexts evaluation keeps; action and token-type targets
-  at every step token.
+- Compressed mode: `max_regions` regions of one stream, `C r_{k-(m-1)s} E ... E C r_{k-s} E C r_k` with s =
+  `region_stride` (1: consecutive regions, exactly the contexts evaluation keeps; s > 1: each region s PPO updates ahead
+  of the one before it), fewer at the start of a history (`C r_k` for k < s, ...); action and token-type targets at
+  every step token. `first_region_any` draws the one-region samples' region from the whole history, not only k < s.
+- `target: oracle` (DPT, Lee et al. 2023): the action target at every step token is the env's optimal action in that
+  state (`env.registry.TaskFamily.oracle_action`) instead of the source's action; the context is unchanged.
 
 Sampling is a pure function of (seed, rank, step), so a resumed or multi-process run draws exactly the
 batches it would have drawn, and each rank draws its own.
@@ -21,9 +24,13 @@ from common import UserError
 from env import task_family, task_split
 from history import check_history, open_history
 from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, PAD_PREV, STEP, encode_prev, encode_state, n_state_ids
+from summary import SummarySampler
 
 SEQUENCE_KEYS = ("type_ids", "state_ids", "prev_ids", "target_action", "target_token_type")  # (B, T) batch entries
 READ = ("states", "actions", "rewards", "dones", "compress_start", "compress_end")  # the history fields training reads
+TARGETS = ("action", "oracle")  # `target`: the source's action (AD) or the env's optimal action (DPT)
+# training keys added after runs were trained: a saved config without one trained with this value
+TRAINING_DEFAULTS = {"region_stride": 1, "first_region_any": False, "target": "action"}
 
 
 def stream_tokens(states, actions, rewards, dones, grid_size):
@@ -33,6 +40,23 @@ def stream_tokens(states, actions, rewards, dones, grid_size):
     prev_r = np.concatenate([np.zeros_like(rewards[:1]), rewards[:-1]]).astype(np.int64)
     ep_start = np.concatenate([np.ones_like(dones[:1]), dones[:-1]]).astype(np.int64) if T else dones
     return encode_state(states.astype(np.int64), grid_size), encode_prev(prev_a, prev_r, ep_start)
+
+
+def episode_stage(rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+    """Time-major [T, S]: the rewards earned earlier in the same episode at each step, capped at 2 (Dark Key-to-Door's key
+    stage before the step: 0 no key, 1 key taken, 2 door reached too; its rewards come only from the key and the door)."""
+    out = np.zeros(rewards.shape, np.int64)
+    run = np.zeros(rewards.shape[1:], np.int64)
+    for t in range(len(rewards)):
+        out[t] = run
+        run = np.where(dones[t], 0, np.minimum(run + rewards[t], 2))
+    return out
+
+
+def oracle_targets(cfg: dict, task: int, states: np.ndarray, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+    """DPT's labels [T, S]: the env's optimal action at each logged state (with its per-episode stage where it has one)."""
+    stage = episode_stage(rewards.astype(np.int64), dones.astype(bool))
+    return task_family(cfg).oracle_action(states.astype(np.int64), stage, task, cfg).astype(np.int64)
 
 
 def load_history(path: Path, cfg: dict, goals: list[int], need_markers: bool) -> dict:
@@ -51,6 +75,8 @@ def load_history(path: Path, cfg: dict, goals: list[int], need_markers: bool) ->
             state_ids, prev_ids = stream_tokens(d["states"], d["actions"], d["rewards"], d["dones"], cfg["grid_size"])
             out[g] = {"state_ids": state_ids.astype(np.int16), "prev_ids": prev_ids.astype(np.int16),
                       "actions": d["actions"].astype(np.int64), "compress_end": d["compress_end"]}
+            oracle = cfg.get("target", "action") == "oracle"  # the action targets; the context keeps the source's actions
+            out[g]["target"] = oracle_targets(cfg, g, d["states"], d["rewards"], d["dones"]) if oracle else out[g]["actions"]
             if cfg.get("min_source_return", 0.0) > 0:  # only a run that filters its training tasks needs it
                 out[g]["last_return"] = last_rollout_return(d["rewards"], d["compress_end"], cfg["horizon"])
             if need_markers:
@@ -93,11 +119,26 @@ def region_bounds(cstart: np.ndarray, cend: np.ndarray, path, goal) -> list[np.n
     return out
 
 
+def check_training_keys(cfg: dict) -> None:
+    """The sampling keys' values (one line each, naming the fix)."""
+    if cfg.get("target", "action") not in TARGETS:
+        raise UserError(f"target must be one of {', '.join(TARGETS)} (action: AD, the source's action; oracle: DPT); "
+                        f"got {cfg['target']!r}")
+    if cfg.get("region_stride", 1) > 1 and not cfg["use_compressed_context"]:
+        raise UserError(f"region_stride={cfg['region_stride']} is for compressed mode (use_compressed_context=true); set "
+                        "region_stride=1")
+    if cfg.get("first_region_any", False) and not cfg["use_compressed_context"]:
+        raise UserError("first_region_any=true is for compressed mode (use_compressed_context=true); set it false")
+
+
 class HistoryDataset(IterableDataset):
     """Never-ending stream of batches for one split ("train", "val" or "test") of the goals."""
 
     def __init__(self, path, cfg: dict, split: str, batch_size: int, seed: int, rank: int = 0, start_step: int = 0):
         self.compressed = cfg["use_compressed_context"]
+        check_training_keys(cfg)
+        self.stride = cfg.get("region_stride", 1)
+        self.first_region_any = cfg.get("first_region_any", False)
         self.data = load_history(path, cfg, task_split(cfg, split), need_markers=self.compressed)
         if not self.data:
             raise UserError(f"history file {path} holds none of the {split} goals; collect all goals (no --goals)")
@@ -120,6 +161,8 @@ class HistoryDataset(IterableDataset):
             if need > self.n_transit:
                 raise UserError(f"n_transit={self.n_transit} is too small for {self.max_regions} regions of {longest} steps "
                                 f"plus markers: set n_transit>={need}")
+        # summary tokens (issue 27): batches of summary.py's layout, drawn like the compressed ones
+        self.summary = SummarySampler(self.data, cfg, batch_size, seed, rank) if cfg.get("use_summary") else None
 
     def __iter__(self):
         while True:
@@ -127,6 +170,8 @@ class HistoryDataset(IterableDataset):
             self.step += 1
 
     def batch(self, step: int) -> dict:
+        if self.summary is not None:
+            return self.summary.batch(step)
         rng = np.random.default_rng([self.seed, self.rank, step])
         b = self._empty(self.batch_size)
         goal_idx = rng.integers(len(self.goals), size=self.batch_size)
@@ -135,7 +180,10 @@ class HistoryDataset(IterableDataset):
             d = self.data[self.goals[gi]]
             stream = rng.integers(d["actions"].shape[1])
             if self.compressed:
-                end = self._compressed_sample(b, i, d, stream, rng.integers(len(d["regions"][stream])))
+                k, n_regions = int(rng.integers(len(d["regions"][stream]))), None
+                if self.first_region_any and k < self.stride:  # a one-region sample: its region from anywhere in the history
+                    k, n_regions = int(rng.integers(len(d["regions"][stream]))), 1
+                end = self._compressed_sample(b, i, d, stream, k, n_regions)
             else:
                 end = self._standard_sample(b, i, d, stream, rng)
             length = max(length, end)
@@ -147,6 +195,7 @@ class HistoryDataset(IterableDataset):
         """A batch of every stream of `goal` at the end of its history, as training sees it: the last region with the
         regions kept before it (compressed) or the last `n_transit` steps (standard). `in_last` (S, L) marks the step
         tokens of the last PPO rollout, whose actions PPO took after learning the most."""
+        self._refuse_summary("final_contexts")
         d = self.data[goal]
         T, S = d["actions"].shape
         b, length = self._empty(S), 0
@@ -168,11 +217,16 @@ class HistoryDataset(IterableDataset):
     def region_contexts(self, goal: int, streams, k: int) -> dict:
         """A batch of the training context that ends with region `k` of each of `streams` of `goal` (compressed mode):
         the sequences whose token-type targets say where region k closes."""
+        self._refuse_summary("region_contexts")
         d = self.data[goal]
         b, length = self._empty(len(streams)), 0
         for i, s in enumerate(streams):
             length = max(length, self._compressed_sample(b, i, d, s, k))
         return self._trim(b, length)
+
+    def _refuse_summary(self, what: str) -> None:
+        if self.summary is not None:  # these contexts have no summary layout (summary.py); the model would see them unmasked
+            raise UserError(f"{what} (probe.py) does not support use_summary=true yet; use evaluate.py for summary runs")
 
     @staticmethod
     def _trim(b: dict, length: int) -> dict:
@@ -196,7 +250,7 @@ class HistoryDataset(IterableDataset):
         n = t1 - t0
         b["state_ids"][i, at : at + n] = d["state_ids"][t0:t1, stream]
         b["prev_ids"][i, at : at + n] = d["prev_ids"][t0:t1, stream]
-        b["target_action"][i, at : at + n] = d["actions"][t0:t1, stream]
+        b["target_action"][i, at : at + n] = d["target"][t0:t1, stream]
         if self.compressed:
             # 2 where the step closes its region (the next element is </compress>), else 0
             b["target_token_type"][i, at : at + n] = np.where(d["compress_end"][t0:t1, stream], COMPRESS_END, STEP)
@@ -207,17 +261,23 @@ class HistoryDataset(IterableDataset):
         t0 = rng.integers(max(T - self.n_transit, 0) + 1)
         return self._put_steps(b, i, 0, d, stream, t0, min(t0 + self.n_transit, T))
 
-    def _compressed_sample(self, b, i, d, stream, k):
-        """`C r_{k-m+1} E ... E C r_k` with m = min(max_regions, k + 1): the newest region k and the closed regions before
-        it that evaluation would still keep (the `_get_compressed_context_sample` of the docs, for any max_regions)."""
+    def sample_regions(self, k: int, n_regions: int | None = None) -> list[int]:
+        """The region indices of the sample whose newest region is k, oldest first: `k-(n-1)s, ..., k-s, k` with s =
+        region_stride and n = min(max_regions, k // s + 1) (fewer near the start of a history), or n = `n_regions`."""
+        n = min(self.max_regions, k // self.stride + 1) if n_regions is None else n_regions
+        return [k - j * self.stride for j in range(n - 1, -1, -1)]
+
+    def _compressed_sample(self, b, i, d, stream, k, n_regions=None):
+        """`C r_{k-(n-1)s} E ... E C r_k` (`sample_regions`): the newest region k and the closed regions before it that
+        evaluation would keep (stride 1: the `_get_compressed_context_sample` of the docs, for any max_regions)."""
         regions, at = d["regions"][stream], 0
-        first = max(0, k - self.max_regions + 1)
-        for j, r in enumerate(range(first, k + 1)):
+        chosen = self.sample_regions(k, n_regions)
+        for j, r in enumerate(chosen):
             b["type_ids"][i, at] = COMPRESS_START
             at = self._put_steps(b, i, at + 1, d, stream, *regions[r])
             b["region_lens"][i, j] = regions[r, 1] - regions[r, 0]
             if r < k:
                 b["type_ids"][i, at] = COMPRESS_END
                 at += 1
-        b["n_regions"][i] = k + 1 - first
+        b["n_regions"][i] = len(chosen)
         return at

@@ -2,6 +2,9 @@
 
     python evaluate.py [--run-dir DIR] [--config FILE] [--split test|val] [--force] [key=value ...]
 
+The model is rebuilt from DIR/ckpt.pt with the config it was trained with. Its evaluation keys (common.EVAL_KEYS) may
+change: those of `--config FILE` apply, and key=value overrides win over them; no other key may.
+
 All goals of the split x `eval_streams` rollouts run as one batch for `eval_episodes` episodes, actions sampled
 from the softmax at `eval_temperature` with `eval_seed` (docs/design.md §4). Standard mode keeps a FIFO window of
 `n_transit` steps (dropping the oldest `eval_window_shift` when full); compressed mode closes a region whenever the
@@ -15,7 +18,6 @@ settings is never replaced without --force.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -29,21 +31,29 @@ from common import (
     EVAL_DEFAULTS,
     EVAL_KEYS,
     UserError,
+    add_print_config,
     apply_overrides,
     default_run_dir,
     load_config,
+    make_parser,
     max_region_steps,
+    parse_cli,
+    parse_overrides,
+    print_config,
     run_main,
 )
 from env import SPLITS, BatchEnv, task_family, task_split
 from model import MODEL, ADConfig, weights_digest
 from model.ad import COMPRESS_END, COMPRESS_START, PAD_PREV, STEP, closes_region, encode_prev, encode_state, n_state_ids
+from summary import run_in_context as run_in_context_summary
 
 SLACK = 3  # cache slots beyond n_transit: a step may append </compress>, <compress> and a step token
 
 
-def load_run(run_dir: Path, overrides: list[str], device, allowed: tuple[str, ...] = EVAL_KEYS) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model from `run_dir/ckpt.pt` (its config is inside); overrides may change the `allowed` keys only."""
+def load_run(run_dir: Path, overrides: list[str] | dict, device,
+             allowed: tuple[str, ...] = EVAL_KEYS) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from `run_dir/ckpt.pt` (its config is inside); overrides (`key=value` strings or a dict) may
+    change the `allowed` keys only."""
     if not run_dir.is_dir():
         what = "is not a directory" if run_dir.exists() else "does not exist"
         raise UserError(f"run dir {run_dir} {what}; pass --run-dir of a trained run (see `ls runs/`)")
@@ -143,6 +153,10 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
                    use_cache: bool = True, temperature: float = 1.0, progress: bool = True, record_logits: bool = False,
                    device="cpu") -> dict:
     """Roll out `len(goals) * n_streams` streams for `n_episodes` episodes each, learning in context only."""
+    if cfg.get("use_summary"):  # summary tokens kept for pruned regions (issue 27): summary.py's loop, same results
+        return run_in_context_summary(model, cfg, goals, n_streams=n_streams, n_episodes=n_episodes, seed=seed,
+                                      use_cache=use_cache, temperature=temperature, progress=progress,
+                                      record_logits=record_logits, device=device)
     G, H = cfg["grid_size"], cfg["horizon"]
     compressed, n_transit, max_regions = cfg["use_compressed_context"], cfg["n_transit"], cfg["max_regions"]
     fixed_prune = compressed and cfg.get("eval_prune", EVAL_DEFAULTS["eval_prune"]) == "fixed"
@@ -242,8 +256,8 @@ def region_stats(closes: list[list[int]], forced: list[list[int]], set_closes: l
     it), and the first regions' lengths (set by eval_first_region where `set_closes` holds its closes)."""
     lengths = []
     for c, f, s in zip(closes, forced, set_closes or [[] for _ in closes], strict=True):
-        ends = sorted(c + f + s)
-        lengths.append([int(b - a) for a, b in zip([-1, *ends[:-1]], ends, strict=True)])
+        ends = sorted(c + f + s)  # may be empty: a stream that closed no region (a young run, a short evaluation)
+        lengths.append([int(b - a) for a, b in zip([-1, *ends], ends, strict=False)])
     pairs = [(a, b) for ls in lengths for a, b in zip(ls[:-1], ls[1:], strict=False)]
     out = {"region_lengths": lengths, "first_region_lengths": [ls[0] if ls else None for ls in lengths],
            "consistency": sum(a == b for a, b in pairs) / len(pairs) if pairs else None, "n_region_pairs": len(pairs)}
@@ -305,6 +319,8 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
                             "close_steps": [list(map(int, c)) for c in res["closes"]],
                             "forced_close_steps": [list(map(int, c)) for c in res["forced_closes"]],
                             "set_close_steps": [list(map(int, c)) for c in res.get("set_closes", [])]}
+    if "summary" in res:  # summary mode: summaries written, kept, and the keys/values per stream (issue 27)
+        s["summary"] = res["summary"]
     return s
 
 
@@ -323,10 +339,10 @@ def print_table(s: dict) -> None:
         cons = f"{c['consistency']:.3f}" if c["consistency"] is not None else "n/a"
         first = (f" (first region closed for it after {c['first_region_set']} steps; later regions of that length "
                  f"{c['kept_first_length']:.3f})" if c.get("kept_first_length") is not None else "")
+        prune = (f"{c['reward_per_step_before_prune']:.3f} vs {c['reward_per_step_after_prune']:.3f}"
+                 if "reward_per_step_before_prune" in c else "n/a (no prune)")
         print(f"</compress>: {c['n_closes']} closes ({grid}), forced {c['n_forced_closes']}{first}, regions as long as the "
-              f"previous one {cons}; reward/step before vs after prune "
-              f"{c.get('reward_per_step_before_prune', float('nan')):.3f} vs "
-              f"{c.get('reward_per_step_after_prune', float('nan')):.3f}")
+              f"previous one {cons}; reward/step before vs after prune {prune}")
 
 
 def refuse_overwrite(summary_path: Path, new: dict) -> str | None:
@@ -347,19 +363,28 @@ def refuse_overwrite(summary_path: Path, new: dict) -> str | None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--run-dir", default=None, help="trained run (default: the run dir of --config, runs/AD-darkroom-seed0)")
     parser.add_argument("--config", default=None,
-                        help="config whose default run dir to evaluate (default: config/model/ad_dr.yaml)")
+                        help="a model config: its eval_* keys apply to the evaluation (key=value overrides win), and "
+                        "without --run-dir its run dir is the one evaluated (default: none, the checkpoint's eval settings, "
+                        "and the run dir of config/model/ad_dr.yaml)")
     parser.add_argument("--split", choices=[s for s in SPLITS if s != "train"], default="test",
-                        help="held-out goals to evaluate on: test (default; report a finished run) or val (tuning)")
+                        help="held-out goals to evaluate on: test reports a finished run; val is for tuning (probe.py's "
+                        "default, as probe.py is a tuning tool)")
     parser.add_argument("--out-dir", default=None, help="where eval_summary.json / eval_result.npy go (default: the run dir)")
     parser.add_argument("--force", action="store_true", help="replace an evaluation of the same weights made with other settings")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"override eval keys: {', '.join(EVAL_KEYS)}")
-    args = parser.parse_args()
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(load_config(args.config or DEFAULT_MODEL_CONFIG))
+    add_print_config(parser)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help=f"override eval keys: {', '.join(EVAL_KEYS)}; anywhere among the options")
+    args = parse_cli(parser)
+    given = load_config(args.config) if args.config else None
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(given or load_config(DEFAULT_MODEL_CONFIG))
+    overrides = {k: given[k] for k in EVAL_KEYS if k in (given or {})} | parse_overrides(args.overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_run(run_dir, args.overrides, device)
+    model, cfg = load_run(run_dir, overrides, device)
+    if args.print_config:
+        print_config(cfg)
     out_dir = Path(args.out_dir) if args.out_dir else run_dir
     digest = weights_digest(model.state_dict())
     goals = task_split(cfg, args.split)

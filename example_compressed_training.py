@@ -23,7 +23,6 @@ uses under runs/); the report goes to RUNS_ROOT/compare/.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -41,12 +40,16 @@ from common import (
     ROOT,
     SCHEMA,
     UserError,
+    add_print_config,
     default_run_dir,
     env_configs,
     history_path,
     load_config,
+    make_parser,
+    parse_cli,
     parse_goals,
     parse_overrides,
+    print_config,
     run_main,
 )
 from history import check_history, complete_goals, open_history
@@ -191,7 +194,7 @@ def train_todo(plan: Plan) -> list[tuple[str, list[str]]]:
         if steps is not None and steps >= cfg["train_timesteps"]:
             saved = saved_config(run_dir)
             if saved is not None and saved != cfg:
-                from train import config_diff  # the one rule for which keys may change (costs a torch import)
+                from common import config_diff  # the one rule for which keys may change
 
                 diff = config_diff(saved, cfg)
                 if diff:
@@ -305,17 +308,17 @@ def stage_compare(plan: Plan) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument(
         "--mode",
         choices=list(STAGES),
         default="all",
         help="collect: PPO histories; train: both models; evaluate: both models in context; "
-        "compare: the report; all: the four in order (default)",
+        "compare: the report; all: the four in order",
     )
     parser.add_argument("--env", choices=list(ENV_CONFIGS), default="darkroom",
-                        help="the env: its collection config and both model configs (default: darkroom)")
-    parser.add_argument("--runs-root", default="runs", help="where the two run dirs and compare/ go (default: runs)")
+                        help="the env: its collection config and both model configs")
+    parser.add_argument("--runs-root", default="runs", help="directory for the two run dirs and compare/")
     parser.add_argument(
         "--goals",
         default=None,
@@ -323,7 +326,7 @@ def main():
         "complete when it holds these",
     )
     parser.add_argument("--split", choices=("test", "val"), default="test",
-                        help="goals to evaluate on: test (default: the held-out goals results are reported on) or val")
+                        help="goals to evaluate on: test (the held-out goals results are reported on) or val")
     parser.add_argument("--sequential", action="store_true",
                         help="train the two modes one after the other (default: concurrently, one thread each, "
                         "when the machine has >= 2 cores)")
@@ -331,10 +334,14 @@ def main():
         "overrides",
         nargs="*",
         metavar="[mode.]key=value",
-        help="config override for every stage, or for one mode with a standard./compressed. prefix",
+        help="config override for every stage, or for one mode with a standard./compressed. prefix; anywhere among "
+        "the options",
     )
-    args = parser.parse_intermixed_args()  # options may come after the key=value overrides
+    add_print_config(parser)
+    args = parse_cli(parser)
     plan = Plan(args.overrides, args.goals, Path(args.runs_root), models=args.mode != "collect", env=args.env)
+    if args.print_config:  # the three resolved configs the stages run with
+        print_config({"collect": plan.collect_cfg, **plan.cfgs})
     plan.split = args.split
     plan.parallel = not args.sequential and (os.cpu_count() or 1) >= 2
     stages = {"collect": stage_collect, "train": stage_train, "evaluate": stage_evaluate, "compare": stage_compare}

@@ -1,4 +1,4 @@
-"""Merge history shards (collect.py --tasks A:B --out SHARD) into one history file.
+"""Merge history shards (collect.py --goals A:B --out SHARD) into one history file.
 
     python merge_histories.py OUT SHARD [SHARD ...] [--expect-all] [--force]
     python merge_histories.py datasets/history_dark_key_to_door_PPO_alg-seed42.hdf5 kd0.hdf5 kd1.hdf5 --expect-all
@@ -11,14 +11,13 @@ are the first shard's. OUT is written as OUT.tmp and renamed when complete.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import h5py
 import yaml
 
-from common import UserError, run_main
+from common import UserError, make_parser, run_main
 from history import complete_goals, history_mismatch, open_history
 
 
@@ -41,7 +40,7 @@ def merge(out: Path, shards: list[Path], expect_all: bool = False) -> list[int]:
             clash = sorted(tasks & set(owner))
             if clash:
                 raise UserError(f"task {clash[0]} is in both {owner[clash[0]]} and {path} ({len(clash)} tasks overlap); "
-                                "give each shard its own --tasks range")
+                                "give each shard its own --goals range")
             owner.update(dict.fromkeys(tasks, path))
         if expect_all:
             from env import selected_tasks  # imported here: env pulls in SB3, which takes seconds
@@ -49,7 +48,7 @@ def merge(out: Path, shards: list[Path], expect_all: bool = False) -> list[int]:
             missing = sorted(set(selected_tasks(cfg)) - set(owner))
             if missing:
                 raise UserError(f"{len(missing)} tasks of {cfg['env']}'s train/val/test selection are in no shard (first: "
-                                f"{missing[0]}); collect them (collect.py --tasks ...) or drop --expect-all")
+                                f"{missing[0]}); collect them (collect.py --goals ...) or drop --expect-all")
         tmp = out.with_name(out.name + ".tmp")
         out.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(tmp, "w") as dst:
@@ -66,9 +65,9 @@ def merge(out: Path, shards: list[Path], expect_all: bool = False) -> list[int]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("out", help="the merged history file to write")
-    parser.add_argument("shards", nargs="+", help="history files written by collect.py --tasks ... --out SHARD")
+    parser.add_argument("shards", nargs="+", help="history files written by collect.py --goals A:B --out SHARD")
     parser.add_argument("--expect-all", action="store_true",
                         help="require every task of the env's train/val/test selection to be in some shard")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")

@@ -1,7 +1,7 @@
 """Quick probe of a trained run: does the model read the goal from the rewards in its context?
 
     python probe.py --run-dir runs/AD-darkroom-compressed-seed0                   # teacher-forced accuracy only
-    python probe.py --run-dir runs/AD-darkroom-compressed-seed0 --episodes 100    # + a short in-context rollout
+    python probe.py --run-dir runs/AD-darkroom-compressed-seed0 eval_episodes=100  # + a short in-context rollout
 
 1. Teacher-forced action accuracy on the LAST PPO region of every held-out goal's history (all streams), with
    the context the model sees in training: the regions kept before it (compressed mode, `C r_{K-2} E C r_{K-1}` for
@@ -14,7 +14,8 @@
    n_steps for every task the baseline is perfect too; with several (config/model/ad_dr_adaptive.yaml: 40, 80 and 120
    steps in every goal) only a model that reads the previous region's length can beat it. Recall is also printed per
    (goal, rollout length) and per length.
-3. With `--episodes N`: `evaluate.run_in_context` on the held-out goals for N episodes (nothing is written).
+3. With `eval_episodes=N` on the command line: `evaluate.run_in_context` on the held-out goals for N episodes, with the
+   run's other eval_* settings (nothing is written); without it, no rollout.
 `--histories CONFIG` reads the held-out histories of another collection config of the same env (e.g. a model trained on
 one rollout length per goal, probed on histories with every length in every goal); the position-only rule keeps the
 length of the run's own training histories.
@@ -30,7 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import EVAL_DEFAULTS, EVAL_KEYS, UserError, history_path, run_main
+from common import (
+    EVAL_DEFAULTS,
+    EVAL_KEYS,
+    UserError,
+    add_print_config,
+    history_path,
+    make_parser,
+    parse_cli,
+    parse_overrides,
+    print_config,
+    run_main,
+)
 from dataset import HistoryDataset
 from env import task_split
 from evaluate import load_run, run_in_context, summarize
@@ -149,7 +161,7 @@ def with_histories(cfg: dict, config: str) -> dict:
 def plot_boundaries(report: dict, path: Path, n_streams: int = 2) -> Path:
     """For a few held-out streams: where PPO's rollouts ended (the true </compress>) and where the model, reading the
     history teacher-forced, said </compress>; one row per stream."""
-    from compare import pyplot
+    from plots import pyplot
 
     plt = pyplot()
     keys = [key for key in sorted(report["closes"]) if key[1] < n_streams]
@@ -171,20 +183,50 @@ def plot_boundaries(report: dict, path: Path, n_streams: int = 2) -> Path:
     return path
 
 
+def rollout_overrides(overrides: list[str], episodes: int | None) -> list[str]:
+    """The overrides with the old `--episodes N` as the `eval_episodes=N` it means; the two at once must agree."""
+    given = parse_overrides(overrides).get("eval_episodes")
+    if episodes is None:
+        return list(overrides)
+    if given is not None and given != episodes:
+        raise UserError(f"--episodes {episodes} and eval_episodes={given} disagree: --episodes is eval_episodes=N; pass "
+                        "one of them")
+    return [*overrides, f"eval_episodes={episodes}"]
+
+
+def rollout_compression_line(c: dict) -> str:
+    """The rollout's `</compress>` line; precision / recall are None where there is no fixed grid (a list of n_steps)."""
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return (f"</compress> precision {f(c['precision_compress_end'])} recall {f(c['recall_compress_end'])}, "
+            f"forced closes {c['n_forced_closes']}")
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--run-dir", required=True, help="a trained run (holds ckpt.pt and config.yaml)")
-    parser.add_argument("--episodes", type=int, default=0, help="also roll out N in-context episodes (default 0: no)")
-    parser.add_argument("--split", choices=("val", "test"), default="val", help="held-out goals (default: val)")
+    parser.add_argument("--episodes", type=int, default=None, help=argparse.SUPPRESS)  # the old spelling of eval_episodes=N
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="held-out goals: val, as tuning is done on them (evaluate.py defaults to test: it reports "
+                        "a finished run)")
     parser.add_argument("--thresholds", default="", help="compressed mode: also report teacher-forced </compress> precision / "
-                        "recall had the head closed at P(</compress>) >= each of these (e.g. 0.5,0.3,0.2,0.1)")
-    parser.add_argument("--plot", default=None, help="compressed mode: write the </compress> vs PPO-rollout-end plot here")
+                        "recall had the head closed at P(</compress>) >= each of these (e.g. 0.5,0.3,0.2,0.1; default: "
+                        "none)")
+    parser.add_argument("--plot", default=None, help="compressed mode: write the </compress> vs PPO-rollout-end plot to "
+                        "this PNG file (default: no plot)")
     parser.add_argument("--histories", default=None, help="collection config whose held-out histories to read (same env; "
                         "default: the run's own)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"{', '.join(EVAL_KEYS)}, traj_dir")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"{', '.join(EVAL_KEYS)}, traj_dir; "
+                        "eval_episodes=N also rolls out N in-context episodes (default: teacher-forced only); "
+                        "anywhere among the options")
+    add_print_config(parser)
+    args = parse_cli(parser)
+    overrides = rollout_overrides(args.overrides, args.episodes)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_run(Path(args.run_dir), args.overrides, device, allowed=(*EVAL_KEYS, "traj_dir"))
+    model, cfg = load_run(Path(args.run_dir), overrides, device, allowed=(*EVAL_KEYS, "traj_dir"))
+    if args.print_config:
+        print_config(cfg)
     hcfg = with_histories(cfg, args.histories) if args.histories else cfg
     if args.histories:
         print(f"held-out histories: {history_path(hcfg)}")
@@ -217,27 +259,25 @@ def main():
                 f"{g.replace('_', ' ')} precision {v['precision']:.3f} recall {v['recall']:.3f}" for g, v in m.items()))
         if args.plot:
             print(f"wrote {plot_boundaries(r, Path(args.plot))}")
-    if args.episodes:
+    if "eval_episodes" in parse_overrides(overrides):
         goals = task_split(cfg, args.split)
         start = time.perf_counter()
-        res = run_in_context(model, cfg, goals, n_streams=cfg["eval_streams"], n_episodes=args.episodes,
+        res = run_in_context(model, cfg, goals, n_streams=cfg["eval_streams"], n_episodes=cfg["eval_episodes"],
                              seed=cfg["eval_seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"],
                              device=device)
         s = summarize(res, goals, cfg)
         R = res["returns"]  # [goal, stream, episode]
-        k = min(100, args.episodes)
+        k = min(100, cfg["eval_episodes"])
         norm = R[..., -k:].mean((1, 2)) / np.array([g["optimum"] for g in s["per_goal"]])
         hit = R > 0  # the episode of each stream's first reward (n_episodes if never)
-        first = np.where(hit.any(-1), hit.argmax(-1), args.episodes).flatten()
-        print(f"in-context, {args.episodes} episodes at T={cfg['eval_temperature']}, eval_seed {cfg['eval_seed']}: mean "
+        first = np.where(hit.any(-1), hit.argmax(-1), cfg["eval_episodes"]).flatten()
+        print(f"in-context, {cfg['eval_episodes']} episodes at T={cfg['eval_temperature']}, eval_seed {cfg['eval_seed']}: mean "
               f"{s['mean_return']:.2f}, last {k} {R[..., -k:].mean():.2f} (optimum {s['optimum_mean']:.2f}); "
               f"worst goal last {k} / optimum {norm.min():.2f} (goal {goals[norm.argmin()]}); first reward at "
               f"episode median {np.median(first):.0f}, p90 {np.percentile(first, 90):.0f}, max {first.max()} "
               f"({time.perf_counter() - start:.0f} s)")
         if "compression" in s:
-            c = s["compression"]
-            print(f"</compress> precision {c['precision_compress_end']:.3f} recall {c['recall_compress_end']:.3f}, "
-                  f"forced closes {c['n_forced_closes']}")
+            print(rollout_compression_line(s["compression"]))
 
 
 if __name__ == "__main__":

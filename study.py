@@ -11,12 +11,24 @@ Arms (docs/design.md §8; named by Darkroom's sizes, the windows are in rollouts
 - compressed: compressed AD, the model's `</compress>` closes a region and prunes the oldest (the env's compressed config's
   max_regions: 2, or 3 on Key-to-Door).
 - compressed-fixed: the compressed checkpoint, pruning every compress_interval steps whatever the head says.
+Optional arms (`--arms`; not in the default study, so its cost is unchanged):
+- compressed-stride<s> (s >= 2): compressed AD trained with region_stride=s (samples C r_{k-s} E C r_k), evaluated as
+  compressed;
+- dpt: DPT (Lee et al. 2023), standard-240's model and window trained with target=oracle (the env's optimal action at
+  every step; config/model/ad_dr_dpt.yaml on Darkroom), evaluated in context like AD;
+- searcher: the hand-written searcher with memory across episodes (searcher.py), on the same test streams
+  (eval_streams x every evaluation seed); not trained, no temperature;
+- ppo: the source PPO's own learning, per stream, from the history file's rewards (each update pools a goal's n_stream
+  streams); not trained or evaluated, no temperature.
+- compressed-adaptive: compressed AD on Darkroom histories whose rollout length differs by stream (its own file).
 
 Stages (each skipped where its output exists and matches; interrupt and re-run the same command to resume):
 1. collect the PPO histories (collect.py) unless the history file is complete for this config;
 2. train every (trained arm, seed) with train.py, `--jobs` runs at once with one thread each;
-3. tune: for each arm its own eval_temperature from `--temperatures`, chosen by the mean optimum-normalised return
-   over the VALIDATION goals (all seeds, `--tune-episodes` episodes, evaluation seed 1000): the same budget per arm;
+3. tune: for each trained arm its own eval_temperature from `--temperatures`, on the VALIDATION goals (all seeds,
+   `--tune-episodes` episodes, evaluation seed 1000; the same budget per arm), by one rule for every env
+   (study_stats.choose_temperature): among the temperatures whose fraction of runs that never reach 90 % of the optimum
+   is within `--tune-never-slack` of the grid's lowest, the best mean normalised return over the last fifth;
 4. test: each (arm, seed) on the TEST goals with every evaluation seed at its chosen temperature;
 5. report: RUNS_ROOT/report.md, report.json, learning_curves.png, aggregates.png (study_stats.py, rliable).
 Overrides `key=value` go to every training (and fix the evaluation keys, e.g. eval_episodes=200).
@@ -28,6 +40,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,22 +51,69 @@ import yaml
 from common import CONFIG_DIR, ENV_CONFIGS, ENV_KEYS, EVAL_KEYS, UserError, env_configs, load_config, parse_overrides, run_main
 
 ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
-OPTIONAL_ARMS = ("compressed-adaptive",)  # Darkroom histories whose rollout length differs by stream (its own file)
+OPTIONAL_ARMS = ("compressed-adaptive", "dpt", "searcher", "ppo")  # and compressed-stride<s>
+REFERENCE_ARMS = ("searcher", "ppo")  # reference learners: no checkpoint, no temperature
+STRIDE_ARM = re.compile(r"compressed-stride([0-9]+)")  # compressed AD trained with region_stride=s
 TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive, extra overrides from its n_steps);
     # compressed-fixed reuses compressed
     "standard-240": ("standard", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}"]),
     "standard-160": ("standard", lambda n: [f"n_transit={2 * n}", f"eval_window_shift={n}"]),
     "compressed": ("compressed", lambda n: []),
     "compressed-adaptive": ("adaptive", lambda n: []),
+    "dpt": ("standard", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}", "target=oracle"]),
 }
 CHECKPOINT_OF = {"standard-240": "standard-240", "standard-160": "standard-160", "compressed": "compressed",
-                 "compressed-fixed": "compressed", "compressed-adaptive": "compressed-adaptive"}
+                 "compressed-fixed": "compressed", "compressed-adaptive": "compressed-adaptive", "dpt": "dpt"}
 EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model"}
 ADAPTIVE = {"collect": CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive_streams.yaml",
             "model": CONFIG_DIR / "model" / "ad_dr_adaptive.yaml"}
 TUNE_EVAL_SEED = 1000  # validation rollouts use their own sampling seed, never one of the test evaluation seeds
 COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": "tab:green", "compressed-fixed": "tab:olive",
-          "compressed-adaptive": "tab:purple", "PPO (source)": "tab:gray"}
+          "compressed-adaptive": "tab:purple", "PPO (source)": "tab:gray", "dpt": "tab:red", "searcher": "tab:brown",
+          "ppo": "tab:gray"}
+STRIDE_COLORS = ("tab:pink", "darkgreen", "lime", "teal")
+
+
+def stride_of(arm: str) -> int | None:
+    """s of an arm compressed-stride<s>, else None."""
+    m = STRIDE_ARM.fullmatch(arm)
+    return int(m.group(1)) if m else None
+
+
+def is_trained(arm: str) -> bool:
+    return arm not in REFERENCE_ARMS
+
+
+def checkpoint_of(arm: str) -> str:
+    """The trained arm whose checkpoint an arm evaluates (compressed-fixed: compressed's; a stride arm: its own)."""
+    return arm if stride_of(arm) else CHECKPOINT_OF[arm]
+
+
+def trained_spec(arm: str):
+    """(the env's model config: standard, compressed or adaptive, extra overrides from its n_steps) of a trained arm."""
+    s = stride_of(arm)
+    return ("compressed", lambda n: [f"region_stride={s}"]) if s else TRAINED[arm]
+
+
+def eval_prune_of(arm: str) -> str | None:
+    """eval_prune of a compressed arm, None for a standard one."""
+    return "model" if stride_of(arm) else EVAL_PRUNE.get(arm)
+
+
+def color_of(arm: str) -> str:
+    s = stride_of(arm)
+    return STRIDE_COLORS[s % len(STRIDE_COLORS)] if s else COLORS[arm]
+
+
+def parse_arms(text: str) -> list[str]:
+    """--arms: a comma-separated list of the default and optional arms, or compressed-stride<s> with s >= 2."""
+    allowed = ARMS + OPTIONAL_ARMS
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed and not (stride_of(x) or 0) >= 2]
+    if bad or not items:
+        raise UserError(f"--arms: {bad[0] if bad else 'nothing'} is not one of {', '.join(allowed)}, "
+                        "compressed-stride<s> (s >= 2; compressed is stride 1)")
+    return list(dict.fromkeys(items))
 
 
 def say(msg: str) -> None:
@@ -62,8 +122,8 @@ def say(msg: str) -> None:
 
 # ---- stage 1-2: data and training ---------------------------------------------------------------------------------
 def arm_configs(env: str, arm: str) -> tuple[Path, Path]:
-    """(collection config, model config) an arm trains with."""
-    mode = TRAINED[CHECKPOINT_OF[arm]][0]
+    """(collection config, model config) an arm trains with (a reference arm: the env's history and standard config)."""
+    mode = trained_spec(checkpoint_of(arm))[0] if is_trained(arm) else "standard"
     if mode == "adaptive":
         if env != "darkroom":
             raise UserError(f"arm {arm} exists for darkroom only (config/model/ad_dr_adaptive.yaml); drop it from --arms")
@@ -78,7 +138,7 @@ def stage_collect(overrides: list[str], env: str, arms: list[str]) -> None:
     from env import selected_tasks, task_split
     from example_compressed_training import history_problem, run_stage
 
-    for config in sorted({arm_configs(env, a)[0] for a in arms}):
+    for config in sorted({arm_configs(env, a)[0] for a in arms if a != "searcher"}):  # the searcher needs no history
         keys = set(load_config(config)) | set(ENV_KEYS)
         over = [o for o in overrides if o.split("=", 1)[0].strip() in keys]
         cfg = load_config(config, over)
@@ -92,12 +152,12 @@ def stage_collect(overrides: list[str], env: str, arms: list[str]) -> None:
 
 
 def run_dir_of(root: Path, arm: str, seed: int) -> Path:
-    return root / "runs" / f"{CHECKPOINT_OF[arm]}-seed{seed}"
+    return root / "runs" / f"{checkpoint_of(arm)}-seed{seed}"
 
 
 def train_config(arm: str, seed: int, overrides: list[str], env: str) -> tuple[Path, list[str]]:
     """(model config, overrides) one (arm, seed) trains with."""
-    _, extra = TRAINED[arm]
+    _, extra = trained_spec(arm)
     config = arm_configs(env, arm)[1]
     return config, [*overrides, *extra(load_config(config, overrides)["n_steps"]), f"seed={seed}"]
 
@@ -110,9 +170,10 @@ def finished(run_dir: Path, steps: int, cfg: dict | None = None) -> bool:
         return False
     saved = run_dir / "config.yaml"
     if cfg is not None and saved.is_file():
-        from train import config_diff
+        from common import config_diff
+        from dataset import TRAINING_DEFAULTS  # keys added since: a run saved without one trained with its default
 
-        diff = config_diff(yaml.safe_load(saved.read_text()), cfg)
+        diff = config_diff(TRAINING_DEFAULTS | yaml.safe_load(saved.read_text()), cfg)
         if diff:
             raise UserError(f"{run_dir} was trained with {diff}; move it away (or pass another --runs-root) to train "
                             "this config")
@@ -125,7 +186,8 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
 
     todo = []
     for seed in seeds:
-        for arm in sorted({CHECKPOINT_OF[a] for a in arms}, key=list(TRAINED).index):
+        for arm in sorted({checkpoint_of(a) for a in arms if is_trained(a)},
+                          key=lambda a: (list(TRAINED).index(a) if a in TRAINED else len(TRAINED), a)):
             run_dir = run_dir_of(root, arm, seed)
             config, over = train_config(arm, seed, overrides, env)
             cfg = load_config(config, over)  # each arm's own budget: the configs may set different train_timesteps
@@ -139,8 +201,8 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
             run_stage(name, "train.py", args)
         return len(todo)
     # the longest first (standard-240 of every seed), so that the two cores stay busy to the end
-    cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3}
-    todo.sort(key=lambda job: -cost[job[0].split()[1]])
+    cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3, "dpt": 3}
+    todo.sort(key=lambda job: -cost.get(job[0].split()[1], 2))  # stride arms: compressed's cost
     run_concurrently({name: ("train.py", args, log) for name, args, log in todo}, max_jobs=jobs)
     return len(todo)
 
@@ -158,7 +220,8 @@ def _evaluate(spec: dict) -> dict:
     goals = task_split(cfg, spec["split"])
     start = time.perf_counter()
     res = evaluate.run_in_context(model, cfg, goals, n_streams=cfg["eval_streams"], n_episodes=cfg["eval_episodes"],
-                                  seed=cfg["eval_seed"], temperature=cfg["eval_temperature"], progress=False)
+                                  seed=cfg["eval_seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"],
+                                  progress=False)
     s = evaluate.summarize(res, goals, cfg)
     comp = s.get("compression", {})
 
@@ -202,8 +265,8 @@ def run_evals(root: Path, specs: list[dict], jobs: int, what: str) -> int:
 def eval_spec(root: Path, arm: str, seed: int, split: str, temperature: float, eval_seed: int, episodes: int,
               eval_overrides: list[str]) -> dict:
     over = [*eval_overrides, f"eval_temperature={temperature}", f"eval_seed={eval_seed}", f"eval_episodes={episodes}"]
-    if arm in EVAL_PRUNE:
-        over.append(f"eval_prune={EVAL_PRUNE[arm]}")
+    if eval_prune_of(arm):
+        over.append(f"eval_prune={eval_prune_of(arm)}")
     return {"run_dir": str(run_dir_of(root, arm, seed)), "overrides": over, "split": split,
             "path": str(eval_path(root, arm, seed, split, temperature, eval_seed, episodes))}
 
@@ -228,10 +291,14 @@ def load_returns(root: Path, arm: str, seeds: list[int], split: str, temperature
 
 
 def stage_tune(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], temperatures: list[float], episodes: int,
-               eval_overrides: list[str], jobs: int) -> tuple[dict[str, float], int]:
-    """Each arm's eval_temperature: the best mean normalised return on the validation goals (same grid for every arm),
-    and how many validation evaluations ran."""
+               eval_overrides: list[str], jobs: int, never_slack: float = 0.02) -> tuple[dict[str, float], int]:
+    """Each trained arm's eval_temperature on the validation goals (same grid for every arm), by the rule of
+    `study_stats.choose_temperature` (no temperature that strands runs; then the last fifth's mean), and how many
+    validation evaluations ran."""
+    import study_stats as st
     from env import task_family, task_split
+
+    arms = [a for a in arms if is_trained(a)]
 
     specs = [eval_spec(root, arm, s, "val", t, TUNE_EVAL_SEED, episodes, eval_overrides)
              for arm in arms for s in seeds for t in temperatures]
@@ -239,23 +306,25 @@ def stage_tune(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[in
     opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in task_split(cfg, "val")], dtype=np.float64)
     chosen, table = {}, {}
     for arm in arms:
-        scores = {}
-        for t in temperatures:
-            R, _ = load_returns(root, arm, seeds, "val", t, [TUNE_EVAL_SEED], episodes)
-            scores[t] = float((R.mean(axis=(0, 2, 3)) / opt).mean())
-        chosen[arm] = max(temperatures, key=lambda t: scores[t])  # ties: the first in the grid
-        table[arm] = scores
-        say(f"tune {arm}: val normalised return " + ", ".join(f"T={t:g} {v:.3f}" for t, v in scores.items())
-            + f" -> T={chosen[arm]:g}")
-    (out / "tuning.json").write_text(json.dumps({"temperatures": chosen, "val_scores": {
-        a: {f"{t:g}": v for t, v in s.items()} for a, s in table.items()}, "episodes": episodes}, indent=1))
+        R = {t: load_returns(root, arm, seeds, "val", t, [TUNE_EVAL_SEED], episodes)[0] for t in temperatures}
+        chosen[arm], table[arm] = st.choose_temperature(R, opt, never_slack=never_slack)
+        say(f"tune {arm}: val " + ", ".join(
+            f"T={t:g} last {v['mean_last']:.3f} never {v['never_frac']:.1%}{'' if v['eligible'] else ' (strands runs)'}"
+            for t, v in table[arm].items()) + f" -> T={chosen[arm]:g}")
+    rule = (f"among the temperatures whose fraction of runs never reaching 90 % of the optimum is within {never_slack:g} "
+            f"of the lowest, the best mean over the last {st.last_window(episodes)} of {episodes} validation episodes")
+    (out / "tuning.json").write_text(json.dumps({
+        "temperatures": chosen, "rule": rule, "never_slack": never_slack, "episodes": episodes,
+        "val_scores": {a: {f"{t:g}": v["mean"] for t, v in s.items()} for a, s in table.items()},  # all-episode means
+        "val_table": {a: {f"{t:g}": v for t, v in s.items()} for a, s in table.items()}}, indent=1))
     return chosen, n_run
 
 
 # ---- stage 5: the report --------------------------------------------------------------------------------------------
-def ppo_curve(cfg: dict, goals: list[int]) -> tuple[np.ndarray, int]:
-    """The source PPO's own learning curve on `goals`: [n_goals, n_episodes] return per episode (mean over streams),
-    and the number of streams."""
+def ppo_returns(cfg: dict, goals: list[int]) -> np.ndarray:
+    """The source PPO's own learning, per stream: [1, n_goals, n_stream, n_episodes] episode returns from the history
+    file's rewards (the study's returns layout, one "seed": the one collection). Episodes of every stream are aligned in
+    time, and each PPO update pools all n_stream streams of a goal (one learner)."""
     from common import history_path
     from history import open_history
 
@@ -264,8 +333,96 @@ def ppo_curve(cfg: dict, goals: list[int]) -> tuple[np.ndarray, int]:
         out = []
         for g in goals:
             r = f[str(g)]["rewards"][:].astype(np.float64)  # [T, S]
-            out.append(r.reshape(-1, H, r.shape[1]).sum(1).mean(1))  # episodes of every stream are aligned in time
-    return np.stack(out), r.shape[1]
+            out.append(r.reshape(-1, H, r.shape[1]).sum(1).T)  # [S, episodes]
+    return np.stack(out)[None]
+
+
+def ppo_curve(cfg: dict, goals: list[int]) -> tuple[np.ndarray, int]:
+    """The source PPO's learning curve on `goals`: [n_goals, n_episodes] return per episode (mean over streams), and the
+    number of streams."""
+    R = ppo_returns(cfg, goals)[0]
+    return R.mean(1), R.shape[1]
+
+
+def searcher_returns(cfg: dict, goals: list[int], eval_seeds: list[int], episodes: int) -> tuple[np.ndarray, dict]:
+    """The searcher on the test streams: [1, n_goals, n_eval_seeds x eval_streams, episodes] returns (evaluation seed e
+    breaks its ties), and the seconds each evaluation seed took."""
+    from searcher import run_searcher
+
+    parts, seconds = [], []
+    for e in eval_seeds:
+        start = time.perf_counter()
+        parts.append(run_searcher(cfg, goals, n_streams=cfg["eval_streams"], n_episodes=episodes, seed=e)["returns"])
+        seconds.append(time.perf_counter() - start)
+    return np.concatenate(parts, axis=1)[None], {"seconds": seconds}
+
+
+def arm_returns(root: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int], temps: dict,
+                episodes: int) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Every arm's test returns [n_seeds, n_goals, n_runs per seed, n_episodes] (the trained arms' saved evaluations; the
+    searcher run here; the source PPO from its history) and its side numbers (closes, seconds)."""
+    from env import task_split
+
+    goals = task_split(cfg, "test")
+    returns, side = {}, {}
+    for arm in arms:
+        if arm == "ppo":
+            returns[arm], side[arm] = ppo_returns(cfg, goals), {"seconds": [0.0]}
+        elif arm == "searcher":
+            returns[arm], side[arm] = searcher_returns(cfg, goals, eval_seeds, episodes)
+        else:
+            returns[arm], side[arm] = load_returns(root, arm, seeds, "test", temps[arm], eval_seeds, episodes)
+            assert side[arm]["goals"] == goals, "evaluations of other goals than the test split"
+    return returns, side
+
+
+def training_costs(root: Path, arms: list[str], seeds: list[int]) -> dict[str, dict]:
+    """Per trained arm, the mean over seeds of its train_summary.json's cost numbers."""
+    train = {}
+    for arm in arms:
+        if not is_trained(arm):
+            continue
+        ts = [json.loads((run_dir_of(root, arm, s) / "train_summary.json").read_text()) for s in seeds]
+        train[arm] = {k: float(np.mean([t[k] for t in ts])) for k in ("seconds", "steps_per_s", "targets_per_s", "peak_rss_mb")}
+        train[arm]["val_return_end"] = float(np.mean([t.get("val/return", np.nan) for t in ts]))
+    return train
+
+
+def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """The paired comparisons among `arms` (arms evaluated on the same seeds and streams; not the reference arms)."""
+    pairs = [("compressed", "standard-240"), ("compressed", "standard-160"), ("compressed", "compressed-fixed"),
+             ("standard-160", "standard-240"), ("compressed-adaptive", "compressed"), ("dpt", "standard-240")]
+    pairs += [(a, "compressed") for a in arms if stride_of(a)]
+    return [(a, b) for a, b in pairs if a in arms and b in arms]
+
+
+def compute_statistics(returns: dict[str, np.ndarray], opt: np.ndarray, ppo: np.ndarray, reps: int) -> dict:
+    """Everything the report says, from the arms' returns, the goals' optima and the source PPO's returns
+    [1, n_goals, n_stream, n_ppo_episodes] (the speed-up reference, whether or not `ppo` is an arm). Pure: no I/O."""
+    import study_stats as st
+
+    arms = list(returns)
+    summary = {a: st.arm_summary(R, opt, reps=reps) for a, R in returns.items()}
+    ppo_to90 = summary["ppo"]["to_threshold"] if "ppo" in summary else st.episodes_to_threshold(ppo, opt, reps=reps)
+    pairs = comparison_pairs(arms)
+    scores = {a: st.run_scores(returns[a], opt) for a in {x for p in pairs for x in p}}
+    def agg(window: str) -> dict:  # rliable's mean and IQM of one column, as report.json has always held them
+        return {a: {"mean": s[window]["mean"], "mean_ci": s[window]["ci"], "iqm": s[window]["iqm"],
+                    "iqm_ci": s[window]["iqm_ci"]} for a, s in summary.items()}
+
+    return {
+        "arms": arms, "summary": summary, "ppo_to_90": ppo_to90,
+        "speedup": {a: st.speedup(ppo_to90, summary[a]["to_threshold"], reps=reps) for a in arms},
+        "aggregate": agg("all"), "aggregate_last": agg("last"),
+        "probability_of_improvement": st.probability_of_improvement(scores, pairs, reps=reps),
+        "paired_differences": {f"{a} vs {b}": st.paired_goal_differences(returns[a], returns[b], opt, reps=reps)
+                               for a, b in pairs},
+        "first_reward": {a: st.first_reward_episode(R) for a, R in returns.items()},
+        "curves": {a: st.curve_with_ci(R, opt, reps=min(reps, 1000)) for a, R in returns.items()},
+        "per_goal": {a: (R.mean(axis=(0, 2, 3)) / opt).tolist() for a, R in returns.items()},
+        "ppo_normalised_curve": (ppo[0].mean(1) / opt[:, None]).mean(0).tolist(),
+        "ppo_streams": int(ppo.shape[2]),
+    }
 
 
 def pyplot():
@@ -292,57 +449,55 @@ def arm_windows(cfg: dict, arms: list[str], regions: int = 2) -> str:
             "compressed": f"the last {regions} regions (rollouts), closed by its </compress> head",
             "compressed-fixed": "the compressed checkpoint, closing every compress_interval steps",
             "compressed-adaptive": "compressed on histories with PPO rollouts of 40, 80 and 120 steps in every goal "
-                                   "(one learner per length), closed by its </compress> head"}
+                                   "(one learner per length), closed by its </compress> head",
+            "dpt": f"DPT: standard-240's model and {window(3)}, trained on the env's optimal action at every step",
+            "searcher": "a hand-written searcher with memory across episodes (searcher.py): sweeps the cells not yet "
+                        "ruled out, then walks straight to what it found",
+            "ppo": f"the source PPO's own learning per stream (each update pools a goal's {cfg.get('n_stream', '?')} "
+                   "streams)"}
+    size |= {a: f"compressed trained on regions {stride_of(a)} PPO updates apart (region_stride={stride_of(a)})"
+             for a in arms if stride_of(a)}
     return f"Arms ({cfg.get('env', 'darkroom')}, PPO rollouts of {n} steps): " + "; ".join(f"{a}: {size[a]}" for a in arms) + "."
 
 
-def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int],
-                 temps: dict[str, float], episodes: int, reps: int, regions: int = 2) -> dict:
-    import study_stats as st
-    from env import task_family, task_split
-
-    goals = task_split(cfg, "test")
-    opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in goals], dtype=np.float64)
-    returns, side = {}, {}
-    for arm in arms:
-        returns[arm], side[arm] = load_returns(root, arm, seeds, "test", temps[arm], eval_seeds, episodes)
-        assert side[arm]["goals"] == goals, "evaluations of other goals than the test split"
-    scores = {a: st.run_scores(R, opt) for a, R in returns.items()}
-    last = max(1, episodes // 5)  # the last fifth: 100 of Darkroom's 500 episodes, 20 of the 50-step envs' 100
-    scores_last = {a: st.run_scores(R, opt, last=last) for a, R in returns.items()}
-    agg, agg_last = st.aggregate(scores, reps=reps), st.aggregate(scores_last, reps=reps)
-    pairs = [(a, b) for a, b in (("compressed", "standard-240"), ("compressed", "standard-160"),
-                                 ("compressed", "compressed-fixed"), ("standard-160", "standard-240"),
-                                 ("compressed-adaptive", "compressed")) if a in arms and b in arms]
-    poi = st.probability_of_improvement(scores, pairs, reps=reps)
-    diffs = {f"{a} vs {b}": st.paired_goal_differences(returns[a], returns[b], opt, reps=reps) for a, b in pairs}
-    to90 = {a: st.episodes_to_threshold(R, opt, 0.9, window=10, reps=reps) for a, R in returns.items()}
-    first = {a: st.first_reward_episode(R) for a, R in returns.items()}
-    curves = {a: st.curve_with_ci(R, opt, reps=min(reps, 1000)) for a, R in returns.items()}
-    ppo, n_ppo_streams = ppo_curve(cfg, goals)  # [goals, episodes]
-    train = {}
-    for arm in arms:
-        ts = [json.loads((run_dir_of(root, arm, s) / "train_summary.json").read_text()) for s in seeds]
-        train[arm] = {k: float(np.mean([t[k] for t in ts])) for k in ("seconds", "steps_per_s", "targets_per_s", "peak_rss_mb")}
-        train[arm]["val_return_end"] = float(np.mean([t.get("val/return", np.nan) for t in ts]))
-
-    n_runs = len(seeds) * returns[arms[0]].shape[2]
+def render_markdown(stats: dict, meta: dict) -> str:
+    """report.md from `compute_statistics`'s result and `meta` (goals, opt, seeds, eval_seeds, temps, episodes, reps,
+    windows: the arms line, train: training_costs, side: the arms' side numbers). Pure: no I/O."""
+    arms, summary, goals, opt = stats["arms"], stats["summary"], meta["goals"], meta["opt"]
+    temps, side, train = meta["temps"], meta["side"], meta["train"]
+    poi, diffs = stats["probability_of_improvement"], stats["paired_differences"]
     main_pair = "compressed vs standard-240"
+    n_ppo = stats["ppo_streams"]
     L = [f"# Study: standard vs compressed-context AD on the {len(goals)} held-out test goals", "",
-         f"Training seeds {seeds}; evaluation seeds {eval_seeds} x {returns[arms[0]].shape[2] // len(eval_seeds)} streams "
-         f"= {n_runs} runs per goal and arm; {episodes} in-context episodes (no weight updates). Temperatures were chosen "
-         "per arm on the validation goals (tuning.json); the test goals were evaluated once, at those temperatures. "
-         f"Scores are returns / each goal's optimum; 95 % intervals are stratified bootstraps ({reps} replicates) "
-         "over runs within goals (rliable).", "", arm_windows(cfg, arms, regions), "",
-         f"| arm | T (val) | mean, all episodes | IQM, all episodes | mean, last {last} | IQM, last {last} | episodes to 90 % "
-         "(median) | first reward (median / p90 / max) |", "|---|---:|---|---|---|---|---|---|"]
+         f"Training seeds {meta['seeds']}; evaluation seeds {meta['eval_seeds']}; {meta['episodes']} in-context episodes "
+         "(no weight updates). Temperatures were chosen per trained arm on the validation goals (tuning.json: no "
+         "temperature that strands runs, then the best mean over the last fifth); the test goals were evaluated once, at "
+         f"those temperatures. Scores are returns / each goal's optimum; 95 % intervals are stratified bootstraps "
+         f"({meta['reps']} replicates) over runs within goals (rliable). Episodes to 90 %: the first episode (0-based, so 9 "
+         "is the floor) at which a run's 10-episode moving average reaches 0.9 of the optimum, median over runs with a "
+         "two-stage bootstrap CI (never: the fraction that do not get there, counted as the run's length). Speed-up: the "
+         "source PPO's median episodes needed over the arm's (episode + 1; >= where PPO's median is never, <= where the "
+         f"arm's is). The source PPO learns each goal with one learner whose every update pools its {n_ppo} streams, so per "
+         f"stream it learns from {n_ppo}x the data one AD stream sees in context.", "", meta["windows"], "",
+         "| arm | T (val) | runs | first 10 | first 50 | all episodes | last | episodes to 90 % (median) | speed-up over "
+         "PPO | first reward (median / p90 / max) |", "|---|---:|---:|---|---|---|---|---|---|---|"]
     for a in arms:
-        e90 = to90[a]
-        L.append(f"| {a} | {temps[a]:g} | {fmt_ci(agg[a]['mean'], agg[a]['mean_ci'])} "
-                 f"| {fmt_ci(agg[a]['iqm'], agg[a]['iqm_ci'])} "
-                 f"| {fmt_ci(agg_last[a]['mean'], agg_last[a]['mean_ci'])} | {fmt_ci(agg_last[a]['iqm'], agg_last[a]['iqm_ci'])} "
-                 f"| {fmt_ci(e90['median'], e90['median_ci'], '{:.0f}')} (never: {e90['never_frac']:.1%}) "
-                 f"| {first[a]['median']:.0f} / {first[a]['p90']:.0f} / {first[a]['max']:.0f} |")
+        s, e90, sp, fr = summary[a], summary[a]["to_threshold"], stats["speedup"][a], stats["first_reward"][a]
+        t = f"{temps[a]:g}" if temps.get(a) is not None else "-"
+        bound = ">= " if sp["at_least"] else "<= " if sp["at_most"] else ""
+        L.append(f"| {a} | {t} | {s['n_runs']} | {fmt_ci(s['first10']['mean'], s['first10']['ci'])} "
+                 f"| {fmt_ci(s['first50']['mean'], s['first50']['ci'])} | {fmt_ci(s['all']['mean'], s['all']['ci'])} "
+                 f"| last {s['last_episodes']}: {fmt_ci(s['last']['mean'], s['last']['ci'])} "
+                 f"| {fmt_ci(e90['median'], e90['median_ci'], '{:.0f}')} of {e90['n_episodes']} (never: {e90['never_frac']:.1%}) "
+                 f"| {bound}{fmt_ci(sp['ratio'], sp['ci'], '{:.2f}')}x "
+                 f"| {fr['median']:.0f} / {fr['p90']:.0f} / {fr['max']:.0f} |")
+    ppo_e90 = stats["ppo_to_90"]
+    L += ["", f"Source PPO (the speed-up reference): episodes to 90 % {ppo_e90['median']:.0f} of its {ppo_e90['n_episodes']} "
+          f"(never: {ppo_e90['never_frac']:.1%}).", "", "Robust aggregates (IQM):", "",
+          "| arm | IQM, all episodes | IQM, last (each arm's last fifth, as above) |", "|---|---|---|"]
+    for a in arms:
+        s = summary[a]
+        L.append(f"| {a} | {fmt_ci(s['all']['iqm'], s['all']['iqm_ci'])} | {fmt_ci(s['last']['iqm'], s['last']['iqm_ci'])} |")
     L += ["", "## Comparisons", "", "| comparison | P(improvement) [95 % CI] | mean normalised difference [95 % CI] | reading |",
           "|---|---|---|---|"]
     for key in poi:
@@ -357,7 +512,7 @@ def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[
           "| goal | optimum | " + " | ".join(arms) + (" | difference [95 % CI] |" if main_pair in diffs else " |"),
           "|---:|---:|" + "---:|" * len(arms) + ("---|" if main_pair in diffs else "")]
     for i, g in enumerate(goals):
-        cells = " | ".join(f"{(returns[a][:, i].mean() / opt[i]):.3f}" for a in arms)
+        cells = " | ".join(f"{stats['per_goal'][a][i]:.3f}" for a in arms)
         extra = ""
         if main_pair in diffs:
             d = diffs[main_pair]
@@ -366,59 +521,110 @@ def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[
     L += ["", "## Cost", "", "| arm | training s (mean over seeds) | steps/s | targets/s | peak RSS MB | val return at the end "
           "of training | eval s per run | `</compress>` closes / forced |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for a in arms:
-        t, sd = train[a], side[a]
-        comp = f"{sd['n_closes']} / {sd['n_forced_closes']}" if a in EVAL_PRUNE else ""
+        sd = side[a]
+        if a not in train:
+            L.append(f"| {a} | - | - | - | - | - | {np.mean(sd['seconds']):.1f} | |")
+            continue
+        t = train[a]
+        comp = f"{sd['n_closes']} / {sd['n_forced_closes']}" if eval_prune_of(a) else ""
         L.append(f"| {a} | {t['seconds']:.0f} | {t['steps_per_s']:.2f} | {t['targets_per_s']:,.0f} | {t['peak_rss_mb']:.0f} | "
                  f"{t['val_return_end']:.2f} | {np.mean(sd['seconds']):.1f} | {comp} |")
-    ppo_norm = (ppo / opt[:, None]).mean(0)
-    L += ["", f"Source PPO on the same goals (its own learning, {ppo.shape[1]} episodes per stream, {n_ppo_streams} streams "
+    ppo_norm = stats["ppo_normalised_curve"]
+    L += ["", f"Source PPO on the same goals (its own learning, {len(ppo_norm)} episodes per stream, {n_ppo} streams "
           f"sharing one learner): "
-          f"normalised return {ppo_norm[0]:.3f} in its first episode, {ppo_norm[-10:].mean():.3f} over its last 10.",
+          f"normalised return {ppo_norm[0]:.3f} in its first episode, {np.mean(ppo_norm[-10:]):.3f} over its last 10.",
           "", "![learning curves](learning_curves.png)", "", "![aggregates](aggregates.png)", ""]
+    return "\n".join(L)
 
+
+def plot_learning_curves(stats: dict, temps: dict, n_goals: int, n_seeds: int, path: Path) -> None:
+    """Mean normalised return per episode of every arm, with its bootstrap band; the source PPO's mean curve too where
+    it is not an arm."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
-    for a in arms:
-        c = curves[a]
+    for a in stats["arms"]:
+        c = stats["curves"][a]
         x = np.arange(1, len(c["mean"]) + 1)
-        ax.plot(x, c["mean"], color=COLORS[a], label=f"{a} (T={temps[a]:g})", linewidth=1.6)
-        ax.fill_between(x, c["lo"], c["hi"], color=COLORS[a], alpha=0.2)
-    ax.plot(np.arange(1, len(ppo_norm) + 1), ppo_norm, color=COLORS["PPO (source)"], linestyle="-.",
-            label="PPO learning (source of the histories)")
+        label = f"{a} (T={temps[a]:g})" if temps.get(a) is not None else a
+        ax.plot(x, c["mean"], color=color_of(a), label=label, linewidth=1.6)
+        ax.fill_between(x, c["lo"], c["hi"], color=color_of(a), alpha=0.2)
+    if "ppo" not in stats["arms"]:
+        ppo_norm = stats["ppo_normalised_curve"]
+        ax.plot(np.arange(1, len(ppo_norm) + 1), ppo_norm, color=COLORS["PPO (source)"], linestyle="-.",
+                label="PPO learning (source of the histories)")
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="oracle")
     ax.set(xlabel="episode", ylabel="return / optimum (mean over goals, runs)", ylim=(0, 1.08),
-           title=f"In-context learning on {len(goals)} test goals ({len(seeds)} training seeds, 95 % bootstrap bands)")
+           title=f"In-context learning on {n_goals} test goals ({n_seeds} training seeds, 95 % bootstrap bands)")
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, (name, res) in zip(axes, (("all episodes", agg), (f"last {last} episodes", agg_last)), strict=True):
+
+
+def plot_aggregates(stats: dict, path: Path) -> None:
+    """Mean and IQM with their intervals per arm, over all episodes and over the last ones."""
+    plt = pyplot()
+    arms = stats["arms"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(arms) + 1.5))
+    for ax, (name, res) in zip(axes, (("all episodes", stats["aggregate"]), ("last episodes", stats["aggregate_last"])),
+                               strict=True):
         for i, a in enumerate(arms):
             for j, (m, key) in enumerate((("mean", "mean_ci"), ("iqm", "iqm_ci"))):
                 y = i + (j - 0.5) * 0.3
                 lo, hi = res[a][key]
                 ax.errorbar(res[a][m], y, xerr=[[res[a][m] - lo], [hi - res[a][m]]], fmt="o" if m == "mean" else "s",
-                            color=COLORS[a], capsize=3, label=m.upper() if i == 0 else None)
+                            color=color_of(a), capsize=3, label=m.upper() if i == 0 else None)
         ax.set_yticks(range(len(arms)), arms)
         ax.set(xlabel="normalised return", title=name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "aggregates.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
-    report = {"seeds": seeds, "eval_seeds": eval_seeds, "episodes": episodes, "goals": goals, "temperatures": temps,
-              "aggregate": agg, "last_episodes": last, "aggregate_last": agg_last, "probability_of_improvement": poi,
-              "paired_differences": {k: {kk: vv for kk, vv in d.items()} for k, d in diffs.items()},
-              "episodes_to_90": {a: {k: v for k, v in d.items() if k != "values"} for a, d in to90.items()},
-              "first_reward": {a: {k: v for k, v in d.items() if k != "values"} for a, d in first.items()},
-              "training": train, "ppo_normalised_curve": ppo_norm.tolist(),
-              "compression": {a: {k: side[a][k] for k in ("n_closes", "n_forced_closes")} for a in arms if a in EVAL_PRUNE}}
+
+def report_json(stats: dict, meta: dict) -> dict:
+    """report.json: the statistics without the per-run values, and the study's settings."""
+    def strip(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k != "values"}
+
+    side = meta["side"]
+    return {"seeds": meta["seeds"], "eval_seeds": meta["eval_seeds"], "episodes": meta["episodes"], "goals": meta["goals"],
+            "temperatures": meta["temps"], "aggregate": stats["aggregate"],
+            "last_episodes": {a: s["last_episodes"] for a, s in stats["summary"].items()},
+            "aggregate_last": stats["aggregate_last"],
+            "table": {a: {k: strip(v) if k == "to_threshold" else v for k, v in s.items()}
+                      for a, s in stats["summary"].items()},
+            "speedup_over_ppo": stats["speedup"], "ppo_episodes_to_90": strip(stats["ppo_to_90"]),
+            "probability_of_improvement": stats["probability_of_improvement"],
+            "paired_differences": stats["paired_differences"],
+            "episodes_to_90": {a: strip(s["to_threshold"]) for a, s in stats["summary"].items()},
+            "first_reward": {a: strip(d) for a, d in stats["first_reward"].items()},
+            "training": meta["train"], "ppo_normalised_curve": stats["ppo_normalised_curve"],
+            "ppo_streams": stats["ppo_streams"],
+            "compression": {a: {k: side[a][k] for k in ("n_closes", "n_forced_closes")}
+                            for a in stats["arms"] if eval_prune_of(a)}}
+
+
+def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int],
+                 temps: dict[str, float], episodes: int, reps: int, regions: int = 2) -> dict:
+    """Load every arm's test returns, compute the statistics, and write report.md, report.json and the two plots."""
+    from env import task_family, task_split
+
+    goals = task_split(cfg, "test")
+    opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in goals], dtype=np.float64)
+    returns, side = arm_returns(root, cfg, arms, seeds, eval_seeds, temps, episodes)
+    stats = compute_statistics(returns, opt, returns["ppo"] if "ppo" in returns else ppo_returns(cfg, goals), reps)
+    meta = {"goals": goals, "opt": opt, "seeds": seeds, "eval_seeds": eval_seeds, "temps": temps, "episodes": episodes,
+            "reps": reps, "windows": arm_windows(cfg, arms, regions), "train": training_costs(root, arms, seeds),
+            "side": side}
+    plot_learning_curves(stats, temps, len(goals), len(seeds), out / "learning_curves.png")
+    plot_aggregates(stats, out / "aggregates.png")
+    report = report_json(stats, meta)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text("\n".join(L))
+    (out / "report.md").write_text(render_markdown(stats, meta))
     return report
 
 
@@ -441,19 +647,22 @@ def main():
                         help="where runs/, evals/ and the report go (default: runs/study, runs/study-<env> for other envs)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds (default: 0,1,2)")
     parser.add_argument("--arms", default=",".join(ARMS),
-                        help=f"arms (default: {','.join(ARMS)}; also: {','.join(OPTIONAL_ARMS)})")
+                        help=f"arms (default: {','.join(ARMS)}; also: {','.join(OPTIONAL_ARMS)}, compressed-stride<s>)")
     parser.add_argument("--report-dir", default=None,
                         help="where the report goes (default: --runs-root); e.g. a second report over other arms")
     parser.add_argument("--eval-seeds", default="0,1,2,3", help="evaluation seeds on the test goals (default: 0,1,2,3)")
     parser.add_argument("--temperatures", default="0.5,0.7,1.0", help="eval_temperature grid tuned per arm on validation goals")
     parser.add_argument("--tune-episodes", type=int, default=200, help="episodes of each validation rollout (default: 200)")
+    parser.add_argument("--tune-never-slack", type=float, default=0.02,
+                        help="tuning: a temperature whose fraction of runs that never reach 90 %% of the optimum exceeds "
+                             "the grid's lowest by more than this is out (default: 0.02)")
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                         help="trainings / evaluations at once, one thread each (default: min(2, cores))")
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap replicates (default: 2000)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training and evaluation")
     args = parser.parse_args()
     seeds = parse_list(args.seeds, int, "--seeds")
-    arms = parse_list(args.arms, str, "--arms", ARMS + OPTIONAL_ARMS)
+    arms = parse_arms(args.arms)
     eval_seeds = parse_list(args.eval_seeds, int, "--eval-seeds")
     temperatures = parse_list(args.temperatures, float, "--temperatures")
     if TUNE_EVAL_SEED in eval_seeds:
@@ -469,8 +678,8 @@ def main():
     eval_overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() in eval_keys - {"traj_dir"}]
     configs = env_configs(args.env)
     episodes = int(given.get("eval_episodes", load_config(configs["standard"])["eval_episodes"]))
-    for a in arms:  # every config must load before anything runs
-        load_config(arm_configs(args.env, a)[1], train_overrides)
+    for a in sorted({checkpoint_of(a) for a in arms if is_trained(a)}):  # every config must load before anything runs
+        load_config(*train_config(a, 0, train_overrides, args.env))
     root.mkdir(parents=True, exist_ok=True)
     (root / "study_command.txt").write_text("python study.py " + " ".join(sys.argv[1:]) + "\n")
     start = time.perf_counter()
@@ -482,9 +691,11 @@ def main():
     cfg = load_config(configs["standard"], train_overrides)
     report_dir = Path(args.report_dir) if args.report_dir else root
     report_dir.mkdir(parents=True, exist_ok=True)
-    temps, n_tuned = stage_tune(root, report_dir, cfg, arms, seeds, temperatures, args.tune_episodes, eval_overrides, args.jobs)
+    temps, n_tuned = stage_tune(root, report_dir, cfg, arms, seeds, temperatures, args.tune_episodes, eval_overrides, args.jobs,
+                                args.tune_never_slack)
+    temps |= {a: None for a in arms if not is_trained(a)}  # the reference arms sample no actions from a model
     specs = [eval_spec(root, a, s, "test", temps[a], e, episodes, eval_overrides)
-             for a in arms for s in seeds for e in eval_seeds]
+             for a in arms if is_trained(a) for s in seeds for e in eval_seeds]
     n_tested = run_evals(root, specs, args.jobs, "test evaluation")
     t_eval = time.perf_counter() - start - t_collect - t_train
     regions = load_config(configs["compressed"], train_overrides)["max_regions"]  # the compressed arms' budget

@@ -77,16 +77,24 @@ def normalized(returns: np.ndarray, optimum: np.ndarray) -> np.ndarray:
     return returns / optimum[None, :, None, None]
 
 
-def run_scores(returns: np.ndarray, optimum: np.ndarray, last: int | None = None, streams_as_runs: bool = True) -> np.ndarray:
-    """[n_runs, n_goals] matrix for rliable: mean normalised return over all (or the last `last`) episodes.
+def run_scores(returns: np.ndarray, optimum: np.ndarray, last: int | None = None, streams_as_runs: bool = True,
+               first: int | None = None) -> np.ndarray:
+    """[n_runs, n_goals] matrix for rliable: mean normalised return over all (or the last `last`, or the first `first`)
+    episodes; a window longer than the run is all of it.
 
     Runs are (train seed x stream), seed-major; with streams_as_runs=False streams are averaged and runs = train seeds.
     """
     norm = normalized(returns, optimum)
+    if last is not None and first is not None:
+        raise ValueError("pass last or first, not both")
     if last is not None:
         if last < 1:
             raise ValueError("last must be >= 1")
         norm = norm[..., -last:]
+    if first is not None:
+        if first < 1:
+            raise ValueError("first must be >= 1")
+        norm = norm[..., :first]
     per_cell = norm.mean(axis=-1)  # [S, G, K]
     if not streams_as_runs:
         return per_cell.mean(axis=2)
@@ -223,18 +231,25 @@ def _first_true(mask: np.ndarray, offset: int, never: int) -> np.ndarray:
     return np.where(mask.any(axis=-1), mask.argmax(axis=-1) + offset, never).astype(np.int64)
 
 
-def episodes_to_threshold(returns: np.ndarray, optimum: np.ndarray, frac: float = 0.9, window: int = 10,
-                          reps: int = 2000, seed: int = 0) -> dict:
-    """First episode (0-based, end of the window) whose `window`-episode moving average of the normalised return
-    reaches `frac`, per (seed, goal, stream); n_episodes if never. Summarised as median with a bootstrap 95 % CI.
-    """
+def threshold_episodes(returns: np.ndarray, optimum: np.ndarray, frac: float = 0.9, window: int = 10) -> np.ndarray:
+    """[S, G, K]: per run, the first episode (0-based, end of the window) whose `window`-episode moving average of the
+    normalised return reaches `frac`; n_episodes where it never does (a run shorter than the window never does)."""
     if window < 1:
         raise ValueError("window must be >= 1")
     norm = normalized(returns, optimum)
     n_episodes = norm.shape[-1]
     csum = np.concatenate([np.zeros(norm.shape[:-1] + (1,)), np.cumsum(norm, axis=-1)], axis=-1)
     moving = (csum[..., window:] - csum[..., :-window]) / window  # moving[i] = mean of episodes i .. i+window-1
-    first = _first_true(moving >= frac - 1e-9, window - 1, n_episodes)  # [S, G, K]
+    return _first_true(moving >= frac - 1e-9, window - 1, n_episodes)
+
+
+def episodes_to_threshold(returns: np.ndarray, optimum: np.ndarray, frac: float = 0.9, window: int = 10,
+                          reps: int = 2000, seed: int = 0) -> dict:
+    """First episode (0-based, end of the window) whose `window`-episode moving average of the normalised return
+    reaches `frac`, per (seed, goal, stream); n_episodes if never. Summarised as median with a bootstrap 95 % CI.
+    """
+    first = threshold_episodes(returns, optimum, frac, window)  # [S, G, K]
+    n_episodes = np.shape(returns)[-1]
     never = first == n_episodes
     ci = _ci(_boot_median(first, reps, seed))
     return {
@@ -267,3 +282,67 @@ def curve_with_ci(returns: np.ndarray, optimum: np.ndarray, reps: int = 1000, se
     boot = _boot_means(norm, reps, seed).mean(axis=1)  # [R, E]
     lo, hi = _ci(boot)
     return {"mean": norm.mean(axis=(0, 1, 2)).tolist(), "lo": lo.tolist(), "hi": hi.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the study's table: learning speed per arm, and the speed-up over the source PPO
+
+
+def last_window(n_episodes: int) -> int:
+    """The episodes of the "last" column: the last fifth (100 of Darkroom's 500 episodes, 20 of the 50-step envs' 100;
+    10 of the source PPO's 52 Darkroom episodes)."""
+    return max(1, n_episodes // 5)
+
+
+def arm_summary(returns: np.ndarray, optimum: np.ndarray, reps: int = 2000, seed: int = 0, frac: float = 0.9,
+                window: int = 10, firsts: tuple[int, ...] = (10, 50)) -> dict:
+    """One arm's row of the study table, from its returns [S, G, K, E]: the mean normalised return (rliable, stratified
+    bootstrap 95 % CI) over the first 10 and first 50 episodes, all episodes and the last fifth (`last_window`), and the
+    episodes to `frac` of the optimum (`episodes_to_threshold`: median, CI, the fraction that never get there)."""
+    returns, optimum = _check(returns, optimum)
+    n_episodes = returns.shape[-1]
+    last = last_window(n_episodes)
+    windows = {f"first{n}": run_scores(returns, optimum, first=n) for n in firsts}
+    windows |= {"all": run_scores(returns, optimum), "last": run_scores(returns, optimum, last=last)}
+    agg = aggregate(windows, reps=reps, seed=seed)
+    out = {"n_episodes": int(n_episodes), "last_episodes": last, "n_runs": int(returns.shape[0] * returns.shape[2])}
+    for name, a in agg.items():
+        out[name] = {"mean": a["mean"], "ci": a["mean_ci"], "iqm": a["iqm"], "iqm_ci": a["iqm_ci"]}
+    out["to_threshold"] = episodes_to_threshold(returns, optimum, frac, window, reps=reps, seed=seed)
+    return out
+
+
+def speedup(reference: Mapping, arm: Mapping, reps: int = 2000, seed: int = 0) -> dict:
+    """The speed-up of an arm over a reference (the source PPO): the ratio of their median episodes to the threshold,
+    counted as episodes needed (the 0-based episode + 1), from two `episodes_to_threshold` results; a 95 % interval from
+    independent bootstraps of the two medians. A median that is "never" (the run's length) is censored: the ratio is
+    then a lower bound where the reference's is (`at_least`) and an upper bound where the arm's is (`at_most`)."""
+    ref, mine = (np.asarray(d["values"], dtype=np.float64) for d in (reference, arm))
+    ratio = (np.median(ref) + 1) / (np.median(mine) + 1)
+    boot = (_boot_median(ref, reps, seed) + 1) / (_boot_median(mine, reps, seed + 1) + 1)
+    ci = _ci(boot)
+    return {"ratio": float(ratio), "ci": _pair(ci[0], ci[1]),
+            "at_least": bool(np.median(ref) >= reference["n_episodes"]), "at_most": bool(np.median(mine) >= arm["n_episodes"])}
+
+
+def choose_temperature(returns_by_temperature: Mapping[float, np.ndarray], optimum: np.ndarray, never_slack: float = 0.02,
+                       frac: float = 0.9, window: int = 10) -> tuple[float, dict]:
+    """The tuning rule (every env, every arm): among the temperatures whose fraction of runs that never reach `frac` of
+    the optimum (`threshold_episodes`) is within `never_slack` of the grid's lowest, the one with the best mean
+    normalised return over the last fifth of the validation episodes (`last_window`); ties go to the first in the grid.
+    A temperature that strands runs is out however well its other runs do, and among the rest the tail decides, not the
+    early episodes. Returns (the temperature, {temperature: mean, mean_last, never_frac, eligible})."""
+    if not returns_by_temperature:
+        raise ValueError("no temperatures to choose from")
+    table = {}
+    for t, R in returns_by_temperature.items():
+        R, opt = _check(R, optimum)
+        norm = normalized(R, opt)
+        never = threshold_episodes(R, opt, frac, window) == R.shape[-1]
+        table[t] = {"mean": float(norm.mean()), "mean_last": float(norm[..., -last_window(R.shape[-1]):].mean()),
+                    "never_frac": float(never.mean())}
+    floor = min(v["never_frac"] for v in table.values())
+    for v in table.values():
+        v["eligible"] = v["never_frac"] <= floor + never_slack + 1e-12
+    chosen = max((t for t, v in table.items() if v["eligible"]), key=lambda t: table[t]["mean_last"])  # max: first of ties
+    return chosen, table

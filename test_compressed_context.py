@@ -193,13 +193,14 @@ def test_eval_region_never_exceeds_budget_when_head_never_closes(tiny_history, m
     assert spy.max_len <= cfg["n_transit"]
 
 
-@pytest.mark.parametrize("max_regions", [1, 2, 3])
-def test_evaluation_contexts_equal_training_contexts(tiny_history, monkeypatch, max_regions):
+@pytest.mark.parametrize(("max_regions", "stride"), [(1, 1), (2, 1), (3, 1), (2, 2), (2, 3)])
+def test_evaluation_contexts_equal_training_contexts(tiny_history, monkeypatch, max_regions, stride):
     """At every step, the context evaluation feeds the model has the token layout of a training sample with the same
-    number of regions (the dataset's own sample, for max_regions 1, 2 and 3), and the model sees it at the positions it
-    was trained on: a teacher-forced pass over the same tokens gives the cached logits."""
+    number of regions (the dataset's own sample, for max_regions 1, 2 and 3, and with region_stride: evaluation is the
+    same, its regions follow each other), and the model sees it at the positions it was trained on: a teacher-forced
+    pass over the same tokens gives the cached logits."""
     n_transit = max_regions * 22 + 2
-    cfg = _cfg(tiny_history, extra=[f"max_regions={max_regions}", f"n_transit={n_transit}"])
+    cfg = _cfg(tiny_history, extra=[f"max_regions={max_regions}", f"n_transit={n_transit}", f"region_stride={stride}"])
     interval = cfg["compress_interval"]
     ds = HistoryDataset(tiny_history["path"], cfg, "train", batch_size=64, seed=0)
     b = ds.batch(0)

@@ -6,7 +6,7 @@
 Resumes automatically from DIR/ckpt.pt; refuses to touch a finished run unless --force. Raising `train_timesteps`
 continues a run: the LR schedule keeps the horizon it started with (its cosine ends at 0.1 x lr, and steps past it
 run at 0.1 x lr), so a continued run is well defined but is not the same as a fresh longer run.
-Every `test_interval` steps: teacher-forced metrics on the validation goals' histories (val/loss_action, ...) and an
+Every `val_interval` steps: teacher-forced metrics on the validation goals' histories (val/loss_action, ...) and an
 in-context rollout on the validation goals (val/return, val/return_last), in TensorBoard and DIR/metrics.jsonl.
 """
 
@@ -31,7 +31,16 @@ from accelerate.utils import gather_object
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common import DEFAULT_MODEL_CONFIG, UserError, add_config_args, default_run_dir, history_path, load_config, run_main
+from common import (
+    DEFAULT_MODEL_CONFIG,
+    UserError,
+    add_config_args,
+    config_diff,
+    default_run_dir,
+    history_path,
+    load_config,
+    run_main,
+)
 from dataset import HistoryDataset
 from env import task_family, task_split
 from hardware import bf16_warning, resolve_precision
@@ -40,12 +49,6 @@ from model.optim import param_groups
 
 CKPT = "ckpt.pt"
 LAUNCHER_LOG = "train.log"  # the workflow / study write train.py's output here before it starts
-# keys that may differ between a checkpoint and the config that resumes it
-RESUMABLE_KEYS = {
-    "train_timesteps", "log_interval", "test_interval", "test_batches", "ckpt_interval", "n_process", "traj_dir",
-    "eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "eval_seed", "eval_prune",
-    "eval_close_threshold", "eval_first_region", "num_threads", "val_episodes", "val_streams",
-}
 METRICS = ("loss_action", "acc_action", "loss_token_type", "acc_token_type")
 COUNTS = ("n_true_positive", "n_pred_end", "n_true_end")  # </compress> counts (compressed mode)
 
@@ -67,7 +70,7 @@ class MetricSum:
     """Sums per-batch metrics (weighted by targets) and </compress> counts; reduced over ranks.
 
     The key set is fixed by the mode, not by what a rank happened to see, so every rank joins the same
-    all-reduce even when it had no batch (e.g. `test_batches` < number of processes)."""
+    all-reduce even when it had no batch (e.g. `val_batches` < number of processes)."""
 
     def __init__(self, compressed: bool):
         self.keys = [*METRICS, *COUNTS, "n"] if compressed else [*METRICS[:2], "n"]
@@ -129,12 +132,6 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)  # a kill during torch.save never leaves a corrupt ckpt.pt
 
 
-def config_diff(old: dict, cfg: dict) -> str | None:
-    """The first key (other than RESUMABLE_KEYS) on which a saved run's config and this one differ, as text."""
-    diff = [k for k in sorted(set(cfg) | set(old)) if k not in RESUMABLE_KEYS and old.get(k) != cfg.get(k)]
-    return f"{diff[0]}={old.get(diff[0])!r}, not {cfg.get(diff[0])!r}" if diff else None
-
-
 def load_checkpoint(ckpt_path: Path, cfg: dict, run_dir: Path) -> dict:
     """Read the checkpoint a run resumes from, refusing one that is unreadable, foreign or finished."""
     try:
@@ -172,13 +169,13 @@ def check_fresh_run_dir(run_dir: Path, cfg: dict) -> bool:
 
 
 @torch.no_grad()
-def test_metrics(model, test_data: HistoryDataset, cfg: dict, accelerator: Accelerator) -> dict:
+def val_metrics(model, val_data: HistoryDataset, cfg: dict, accelerator: Accelerator) -> dict:
     """Teacher-forced metrics on held-out (validation) goals' histories (same batches every time, split over ranks).
     `model` is the unwrapped module: ranks see different numbers of batches, so no DDP forward here."""
     model.eval()
     m = MetricSum(cfg["use_compressed_context"])
-    for i in range(accelerator.process_index, cfg["test_batches"], accelerator.num_processes):
-        batch = {k: v.to(accelerator.device) for k, v in test_data.batch(i).items()}
+    for i in range(accelerator.process_index, cfg["val_batches"], accelerator.num_processes):
+        batch = {k: v.to(accelerator.device) for k, v in val_data.batch(i).items()}
         with accelerator.autocast():
             m.add(model(batch))
     model.train()
@@ -418,8 +415,8 @@ def main():
             if main_proc and res:
                 bar.set_postfix(loss=f"{res['loss_action']:.3f}", acc=f"{res['acc_action']:.3f}")
             t_log, targets_log = now, 0
-        if done % cfg["test_interval"] == 0 or last:
-            last_val = test_metrics(raw_model, val_data, cfg, accelerator)
+        if done % cfg["val_interval"] == 0 or last:
+            last_val = val_metrics(raw_model, val_data, cfg, accelerator)
             if main_proc and cfg["val_episodes"] and cfg["val_streams"]:
                 last_val |= val_return(raw_model, cfg)
             accelerator.wait_for_everyone()

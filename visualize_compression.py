@@ -1,6 +1,6 @@
 """Pictures of the compression regions: in one PPO history stream, across all goals (tasks), and as a model chose them.
 
-    python visualize_compression.py --env_idx 38 --max_steps 400 [--stream 0]   # one stream of the history file
+    python visualize_compression.py --goal 38 --max-steps 400 [--stream 0]      # one stream of the history file
     python visualize_compression.py --analyze                                    # every goal: regions and return
     python visualize_compression.py --run-dir runs/AD-darkroom-compressed-seed0  # the model's </compress> in evaluation
 
@@ -10,12 +10,12 @@
   and last region; then, per region index, the mean return over goals (printed and plotted with the oracle).
 - `--run-dir`: when the model closed regions during `evaluate.py` (eval_summary.json compression.close_steps)
   against the true grid of `compress_interval` steps from the run's config.yaml.
-The history file is the one `--config` / key=value name (traj_dir=, alg_seed=, ...). PNGs go to --out.
+The history file is the one `--config` / key=value name (collection keys only: traj_dir=, alg_seed=, ...); `--run-dir`
+reads the run's own config.yaml instead. PNGs go to --out-dir. `--goal` takes a task id as `--goals` does elsewhere.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -23,9 +23,23 @@ import h5py
 import numpy as np
 import yaml
 
-from common import DEFAULT_COLLECT_CONFIG, UserError, add_config_args, history_path, load_config, run_main
-from compare import pyplot, task_label
+from common import (
+    COLLECTION_KEYS,
+    DEFAULT_COLLECT_CONFIG,
+    UserError,
+    add_config_args,
+    add_print_config,
+    add_renamed_flag,
+    apply_overrides,
+    history_path,
+    load_config,
+    make_parser,
+    parse_cli,
+    print_config,
+    run_main,
+)
 from history import open_history, stream_n_steps
+from plots import pyplot, task_label
 
 ACTION_NAMES = ("row+1", "row-1", "col+1", "col-1", "stay")  # docs/design.md §1
 REGION_SHADES = ("#c8e6c9", "#a5d6a7")  # alternating greens, so neighbouring regions stay apart
@@ -57,7 +71,7 @@ def shade_regions(ax, bounds: list[tuple[int, int]]) -> None:
 def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Path, n_tasks: int) -> Path:
     with open_history(path) as f:
         if not 0 <= goal < n_tasks:
-            raise UserError(f"--env_idx {goal} is outside the grid's tasks: use 0..{n_tasks - 1}")
+            raise UserError(f"--goal {goal} is outside the grid's tasks: use 0..{n_tasks - 1}")
         if str(goal) not in f:
             raise UserError(f"goal {goal} is not in {path} (it holds goals {','.join(map(str, goals_in(f)))}); pick one of those")
         g = f[str(goal)]
@@ -65,7 +79,7 @@ def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Pat
         if not 0 <= stream < S:
             raise UserError(f"--stream {stream} is outside 0..{S - 1} ({path} has {S} streams per goal)")
         if max_steps <= 0:
-            raise UserError(f"--max_steps must be > 0, got {max_steps}")
+            raise UserError(f"--max-steps must be > 0, got {max_steps}")
         n = min(max_steps, T)
         d = {k: g[k][:n, stream] for k in ("states", "actions", "rewards", "dones", "compress_start", "compress_end")}
         # where the task's hidden cells are (collect.py's group attrs): the goal, or the key and the door
@@ -283,12 +297,14 @@ def plot_run_closes(run_dir: Path, max_steps: int | None, out_dir: Path) -> Path
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, DEFAULT_COLLECT_CONFIG)
-    parser.add_argument("--env_idx", type=int, default=0, help="goal (task) index whose history stream to plot (default: 0)")
-    parser.add_argument("--stream", type=int, default=0, help="which parallel PPO stream of that goal (default: 0)")
+    parser = make_parser(__doc__)
+    add_config_args(parser, DEFAULT_COLLECT_CONFIG,
+                    keys="a collection key naming the history file (traj_dir=, ...), anywhere among the options")
+    add_print_config(parser)
+    parser.add_argument("--goal", type=int, default=0, help="task id whose history stream to plot")
+    parser.add_argument("--stream", type=int, default=0, help="which parallel PPO stream of that goal")
     parser.add_argument(
-        "--max_steps",
+        "--max-steps",
         type=int,
         default=None,
         help="plot the first M steps (default: 400 for a history stream, the whole evaluation for --run-dir)",
@@ -296,19 +312,30 @@ def main():
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--analyze", action="store_true", help="summarise the regions and their return over all goals of the file")
     mode.add_argument(
-        "--run-dir", default=None, help="compressed run evaluated by evaluate.py: plot where the model closed regions"
+        "--run-dir", default=None, help="compressed run evaluated by evaluate.py: plot where the model closed regions "
+        "(default: plot the history file)"
     )
-    parser.add_argument("--out", default="runs/plots", help="directory for the PNGs (default: runs/plots)")
-    args = parser.parse_intermixed_args()  # options may come after the key=value overrides
-    out_dir = Path(args.out)
+    parser.add_argument("--out-dir", default="runs/plots", help="directory for the PNGs")
+    for old, new in (("--env_idx", "--goal"), ("--env-idx", "--goal"), ("--max_steps", "--max-steps"), ("--out", "--out-dir")):
+        add_renamed_flag(parser, old, new)
+    args = parse_cli(parser)
+    out_dir = Path(args.out_dir)
     if args.run_dir:
         run_dir = Path(args.run_dir)
         if not run_dir.is_dir():
             raise UserError(f"run dir {run_dir} does not exist; pass a run dir written by train.py and evaluate.py")
+        if args.overrides:
+            raise UserError(f"--run-dir reads the run's own config.yaml, so key=value overrides do nothing here; drop "
+                            f"{args.overrides[0]}")
+        if args.print_config:
+            print_config(yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {})
         out_dir.mkdir(parents=True, exist_ok=True)
         png = plot_run_closes(run_dir, args.max_steps, out_dir)
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = apply_overrides(load_config(args.config), args.overrides, COLLECTION_KEYS, "the collection config",
+                              script="visualize_compression.py")
+        if args.print_config:
+            print_config(cfg)
         path = history_path(cfg)
         open_history(path).close()  # a missing file is reported before any directory is made
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +345,7 @@ def main():
             from env import task_family  # imported here: env pulls in SB3, which takes seconds
 
             n_tasks = task_family(cfg).n_tasks(cfg)
-            png = plot_stream(path, args.env_idx, args.stream, args.max_steps or 400, out_dir, n_tasks)
+            png = plot_stream(path, args.goal, args.stream, args.max_steps or 400, out_dir, n_tasks)
     print(f"wrote {png}")
 
 

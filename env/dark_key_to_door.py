@@ -24,7 +24,7 @@ from functools import cache
 import gymnasium as gym
 import numpy as np
 
-from env.darkroom import MOVES, N_ACTIONS, GridVecEnv, start_pos, step_positions
+from env.darkroom import MOVES, N_ACTIONS, GridVecEnv, start_pos, step_positions, toward
 
 __all__ = [
     "MOVES",
@@ -33,6 +33,7 @@ __all__ = [
     "DarkKeyToDoorVecEnv",
     "key_door_to_task",
     "optimal_return",
+    "oracle_action",
     "split_tasks",
     "start_pos",
     "step_batch",
@@ -114,6 +115,15 @@ def optimal_return(task: int, grid_size: int = 9, horizon: int = 50) -> int:
     """Return of the oracle (exact, by BFS over (position, stage)): how many of the two rewards fit in `horizon`."""
     to_key, to_door = _min_steps(task, grid_size)
     return int(to_key <= horizon) + int(to_door <= horizon)
+
+
+def oracle_action(pos: np.ndarray, stage: np.ndarray, task: int, grid_size: int = 9) -> np.ndarray:
+    """The optimal action at positions `pos` ([..., 2]) in key stages `stage` ([...]: 0 no key, 1 key taken, 2 done):
+    a shortest-path step to the key, then to the door, then stay. Any path pays the key before the door, so the
+    shortest start -> key -> door path is the BFS oracle's (`optimal_return`); on key == door the stay step pays."""
+    key, door = (np.array(p, dtype=np.int64) for p in task_to_key_door(task, grid_size))
+    stage = np.asarray(stage, dtype=np.int64)
+    return np.where(stage == 0, toward(pos, key), np.where(stage == 1, toward(pos, door), 4)).astype(np.int64)
 
 
 class DarkKeyToDoor(gym.Env):

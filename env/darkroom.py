@@ -61,6 +61,20 @@ def step_positions(pos: np.ndarray, actions: np.ndarray, grid_size: int) -> np.n
     return np.clip(pos + MOVES[actions], 0, grid_size - 1)
 
 
+def toward(pos: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The move (index into MOVES) of one shortest-path step from `pos` to `target` (both [..., 2]): the row first, then
+    the column, 4 (stay) where `pos` is the target. Deterministic, so it can label every state with one oracle action."""
+    pos, target = np.asarray(pos, dtype=np.int64), np.asarray(target, dtype=np.int64)
+    dr, dc = target[..., 0] - pos[..., 0], target[..., 1] - pos[..., 1]
+    return np.select([dr > 0, dr < 0, dc > 0, dc < 0], [0, 1, 2, 3], 4).astype(np.int64)
+
+
+def oracle_action(pos: np.ndarray, goal_idx: int, grid_size: int = 9) -> np.ndarray:
+    """The optimal action at positions `pos` ([..., 2]) for goal `goal_idx`: walk straight to the goal, then stay (the
+    policy whose return is `optimal_return`)."""
+    return toward(pos, np.array(goal_to_pos(goal_idx, grid_size)))
+
+
 class Darkroom(gym.Env):
     """One Darkroom episode; ends by truncation after `horizon` steps."""
 

@@ -18,7 +18,7 @@ import random
 import gymnasium as gym
 import numpy as np
 
-from env.darkroom import MOVES, N_ACTIONS, GridVecEnv, step_positions
+from env.darkroom import MOVES, N_ACTIONS, GridVecEnv, step_positions, toward
 
 __all__ = [
     "MOVES",
@@ -28,6 +28,7 @@ __all__ = [
     "DarkroomPermutedVecEnv",
     "goal_pos",
     "optimal_return",
+    "oracle_action",
     "split_tasks",
     "start_pos",
     "step_batch",
@@ -85,6 +86,13 @@ def step_batch(pos: np.ndarray, state: None, actions: np.ndarray, perms: np.ndar
     new_pos = step_positions(np.asarray(pos, dtype=np.int64), moves, grid_size)
     reward = np.all(new_pos == np.array(goal_pos(grid_size)), axis=-1).astype(np.float32)
     return new_pos, reward, None
+
+
+def oracle_action(pos: np.ndarray, task: int, grid_size: int = 9) -> np.ndarray:
+    """The optimal action at positions `pos` ([..., 2]) under task `task`'s permutation: the agent action whose move is
+    Darkroom's shortest-path step to the goal (row first), then the action whose move is stay."""
+    inverse = np.argsort(np.array(task_to_perm(task), dtype=np.int64))  # move -> the agent action that executes it
+    return inverse[toward(pos, np.array(goal_pos(grid_size)))]
 
 
 class DarkroomPermuted(gym.Env):

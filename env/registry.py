@@ -48,6 +48,11 @@ class TaskFamily:
     def start_pos(self, cfg):
         return self.module.start_pos(cfg["grid_size"])
 
+    def oracle_action(self, pos, state, task, cfg):
+        """The optimal action at positions `pos` [..., 2] (with the per-episode `state` [...], e.g. the key stage, where
+        the env has one; ignored otherwise) on `task`: the label DPT trains on."""
+        return self.module.oracle_action(pos, task, cfg["grid_size"])
+
 
 class Darkroom(TaskFamily):
     module, env_cls, vec_env_cls = dr, dr.Darkroom, dr.DarkroomVecEnv
@@ -116,6 +121,9 @@ class DarkKeyToDoor(TaskFamily):
 
     def initial_state(self, n):
         return np.zeros(n, dtype=np.int64)  # the key stage: 0 no key, 1 key taken, 2 door reached too
+
+    def oracle_action(self, pos, stage, task, cfg):
+        return k2d.oracle_action(pos, stage, task, cfg["grid_size"])
 
     def step(self, pos, stage, actions, key_door, grid_size):
         return k2d.step_batch(pos, stage, actions, key_door[:, 0], key_door[:, 1], grid_size)

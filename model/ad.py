@@ -3,7 +3,8 @@
 One token per decision step t: `embed(s_t) + embed(a_{t-1}, r_{t-1}, episode-start flag)` plus a learned
 position (docs/design.md §3). In compressed mode `<compress>` (type 1) and `</compress>` (type 2) are their own
 tokens. The action head at a step token predicts a_t; the token-type head predicts whether the step closes
-its region (2) or not (0).
+its region (2) or not (0). With `use_summary`, `n_summary` summary tokens (type ids `SUMMARY + j`, learned embeddings,
+no targets) follow each `</compress>` and a boolean attention mask (model/summary.py) decides what each token sees.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.summary import attention_mask, layout_positions
+
 N_ACTIONS = 5
 STEP, COMPRESS_START, COMPRESS_END = 0, 1, 2  # token types
-N_TOKEN_TYPES = 3
+N_TOKEN_TYPES = 3  # the types of the type embedding and of the token-type head
+SUMMARY = N_TOKEN_TYPES  # type id of the j-th summary token of a group: SUMMARY + j (an embedding of its own, no head class)
 IGNORE = -100  # target value that is not supervised (markers, padding)
 N_REWARDS = 2  # Darkroom rewards are 0 or 1
 NO_PREV = N_ACTIONS * N_REWARDS  # "no previous step" (very first step of a stream)
@@ -64,10 +68,19 @@ class ADConfig:
     use_compressed_context: bool = False
     token_type_loss_weight: float = 0.1
     state_embedding: str = "rowcol"  # "rowcol": embed(row) + embed(col); "table": one vector per cell
+    use_summary: bool = False  # summary tokens after each </compress> (model/summary.py)
+    n_summary: int = 0
+    summary_mode: str = "accumulate"
+    max_summaries: int = 1
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ADConfig:
-        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__})
+        """The model keys of a config; the summary keys may be missing (configs and checkpoints from before them)."""
+        fields = cls.__dataclass_fields__
+        return cls(**{k: cfg[k] if k not in SUMMARY_FIELDS else cfg.get(k, fields[k].default) for k in fields})
+
+
+SUMMARY_FIELDS = ("use_summary", "n_summary", "summary_mode", "max_summaries")
 
 
 class Block(nn.Module):
@@ -80,22 +93,25 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(c.d_model, 4 * c.d_model), nn.GELU(), nn.Linear(4 * c.d_model, c.d_model))
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x, kv=None, slots=None, bias=None):
-        """x: (B, T, D). Without `kv`: causal attention over x. With `kv` = (K, V) caches (B, H, L, Dh): the new
-        keys/values are written at the flat row indices `slots` (B*H*T,) of the caches seen as (B*H*L, Dh), and
-        queries attend to all L slots under the additive mask `bias` (B*H, T, L) (0 = visible, -inf = not)."""
+    def forward(self, x, kv=None, slots=None, bias=None, mask=None):
+        """x: (B, T, D). Without `kv`: causal attention over x, or under the boolean `mask` (B, T, T) (True = attend).
+        With `kv` = (K, V) caches (B, H, L, Dh): the new keys/values are written at the flat row indices `slots` (B*H*T,)
+        of the caches seen as (B*H*L, Dh), and queries attend to all L slots under the additive mask `bias` (B*H, T, L)
+        (0 = visible, -inf = not)."""
         B, T, D = x.shape
         H = self.n_head
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
         drop = self.dropout if self.training else 0.0
         if kv is None:
+            m = None if mask is None else mask[:, None]  # (B, 1, T, T): the same for every head
             if x.device.type == "cpu" and q.dtype != torch.float32:
                 # bf16 autocast on CPU: the linear layers gain ~5x from bf16 matmuls, but the CPU flash-attention kernel
                 # at head dim 16 is ~1.5x slower in bf16 than in fp32 (docs/experiments.md E7), so attention runs in fp32
                 with torch.autocast("cpu", enabled=False):
-                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=drop)
+                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, is_causal=m is None,
+                                                       dropout_p=drop)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None, dropout_p=drop)
             new_kv = (k, v)
         else:
             # Decoding a few tokens per stream: explicit bmm attention over the whole (contiguous) cache is faster on
@@ -128,6 +144,9 @@ class AD(nn.Module):
             raise ValueError(f"state_embedding must be 'rowcol' or 'table', got {c.state_embedding!r}")
         self.prev_emb = nn.Embedding(N_PREV_IDS, c.d_model, padding_idx=PAD_PREV)
         self.type_emb = nn.Embedding(N_TOKEN_TYPES, c.d_model)
+        if c.use_summary and c.n_summary < 1:
+            raise ValueError(f"use_summary needs n_summary >= 1, got {c.n_summary}")
+        self.summary_emb = nn.Embedding(c.n_summary, c.d_model) if c.use_summary else None
         self.pos_emb = nn.Embedding(c.n_transit, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
@@ -154,28 +173,47 @@ class AD(nn.Module):
         col = torch.where(pad, G, state_ids % G)
         return self.row_emb(row) + self.col_emb(col)
 
+    def embed_type(self, type_ids):
+        if self.summary_emb is None:
+            return self.type_emb(type_ids)
+        is_summary = (type_ids >= SUMMARY)[..., None]
+        summary = self.summary_emb((type_ids - SUMMARY).clamp(min=0))
+        return torch.where(is_summary, summary, self.type_emb(type_ids.clamp(max=N_TOKEN_TYPES - 1)))
+
     def embed(self, type_ids, state_ids, prev_ids, pos_ids):
-        return self.drop(self.type_emb(type_ids) + self.embed_state(state_ids) + self.prev_emb(prev_ids) + self.pos_emb(pos_ids))
+        x = self.embed_type(type_ids) + self.embed_state(state_ids) + self.prev_emb(prev_ids) + self.pos_emb(pos_ids)
+        return self.drop(x)
+
+    def summary_layout(self, type_ids, region_ids, first_raw):
+        """Positions (B, T) and attention mask (B, T, T) of a summary-mode sequence (model/summary.py)."""
+        c = self.config
+        mask = attention_mask(region_ids, type_ids >= SUMMARY, first_raw, c.summary_mode, c.max_summaries)
+        return layout_positions(region_ids, first_raw), mask
 
     def heads(self, h):
         h = self.ln_f(h)
         logits_type = self.head_token_type(h) if self.head_token_type is not None else None
         return self.head_action(h), logits_type
 
-    def trunk(self, type_ids, state_ids, prev_ids):
-        """Full causal pass over right-padded sequences (B, T); returns hidden states and per-layer (K, V)."""
-        pos = torch.arange(type_ids.shape[1], device=type_ids.device).expand_as(type_ids)
+    def trunk(self, type_ids, state_ids, prev_ids, pos_ids=None, attn_mask=None):
+        """Full pass over right-padded sequences (B, T): causal at positions 0..T-1, or at `pos_ids` under the boolean
+        `attn_mask` (B, T, T); returns hidden states and per-layer (K, V)."""
+        pos = torch.arange(type_ids.shape[1], device=type_ids.device).expand_as(type_ids) if pos_ids is None else pos_ids
         h = self.embed(type_ids, state_ids, prev_ids, pos)
         kvs = []
         for blk in self.blocks:
-            h, kv = blk(h)
+            h, kv = blk(h, mask=attn_mask)
             kvs.append(kv)
         return h, kvs
 
     def forward(self, batch: dict) -> dict:
         """Training / teacher-forced pass. `batch` holds (B, T) `type_ids`, `state_ids`, `prev_ids`,
-        `target_action` and, in compressed mode, `target_token_type` (IGNORE where unsupervised)."""
-        h, _ = self.trunk(batch["type_ids"], batch["state_ids"], batch["prev_ids"])
+        `target_action` and, in compressed mode, `target_token_type` (IGNORE where unsupervised). A summary-mode batch
+        also holds `region_ids` (B, T) and `first_raw` (B,), which give the positions and the attention mask."""
+        pos = mask = None
+        if "region_ids" in batch:
+            pos, mask = self.summary_layout(batch["type_ids"], batch["region_ids"], batch["first_raw"])
+        h, _ = self.trunk(batch["type_ids"], batch["state_ids"], batch["prev_ids"], pos, mask)
         logits_action, logits_type = self.heads(h)  # (B, T, A), (B, T, 3)
         out = {"logits_action": logits_action}
         tgt = batch["target_action"]
@@ -227,14 +265,22 @@ class AD(nn.Module):
         """Append `n_new` (B,) tokens per stream, given left-aligned in (B, N) with positions `pos` (B, N),
         to the cache in place; returns logits at each stream's last new token. Entries past a stream's
         `n_new` are padding: they are written to slots past its end, which no real query can see."""
+        L = cache[0][0].shape[2]
+        slot = pos.clamp(max=L - 1)
+        seen = torch.arange(L, device=pos.device) <= slot[:, :, None]  # (B, N, L): causal over the slots
+        return self.extend_at(type_ids, state_ids, prev_ids, pos, slot, seen, n_new, cache)
+
+    @torch.no_grad()
+    def extend_at(self, type_ids, state_ids, prev_ids, pos, slot, seen, n_new, cache):
+        """`extend` with the cache slots `slot` (B, N) the new keys/values go to and the boolean `seen` (B, N, L) of the
+        slots each new token attends to (given, not causal by position: summary mode keeps the keys/values of pruned
+        regions' summaries in slots of their own)."""
         B, N = type_ids.shape
         H, L = cache[0][0].shape[1], cache[0][0].shape[2]
         h = self.embed(type_ids, state_ids, prev_ids, pos.clamp(max=self.config.n_transit - 1))
-        slot = pos.clamp(max=L - 1)
         # shared by all layers: where each new key/value goes, and which cached keys each query may see
         slots = ((torch.arange(B * H, device=pos.device).view(B, H, 1) * L) + slot[:, None, :]).flatten()  # (B*H*N,)
-        hidden = torch.arange(L, device=pos.device) > slot[:, :, None]  # (B, N, L)
-        bias = torch.zeros(B, N, L, device=h.device, dtype=h.dtype).masked_fill_(hidden, float("-inf"))
+        bias = torch.zeros(B, N, L, device=h.device, dtype=h.dtype).masked_fill_(~seen, float("-inf"))
         bias = bias[:, None].expand(B, H, N, L).reshape(B * H, N, L)
         for i, blk in enumerate(self.blocks):
             h, cache[i] = blk(h, kv=cache[i], slots=slots, bias=bias)

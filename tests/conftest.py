@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # 2 train goals, 1 validation goal ((1,3)=12) and 2 test goals ((4,2)=38 and (5,6)=51)
 TINY_GOALS = "0,1,12,38,51"
 TINY_COLLECT = ["n_stream=4", "n_steps=20", "total_source_timesteps=80", "ppo_batch_size=40", "ppo_n_epochs=2", "n_process=1"]
-TINY_MODEL = ["d_model=16", "n_layer=1", "n_head=2", "train_batch_size=4", "log_interval=2", "test_interval=3",
-              "test_batches=2", "ckpt_interval=3", "warmup_steps=2", "eval_episodes=3", "eval_streams=2", "val_episodes=3"]
+TINY_MODEL = ["d_model=16", "n_layer=1", "n_head=2", "train_batch_size=4", "log_interval=2", "val_interval=3",
+              "val_batches=2", "ckpt_interval=3", "warmup_steps=2", "eval_episodes=3", "eval_streams=2", "val_episodes=3"]
 TINY_STANDARD = TINY_COLLECT + TINY_MODEL + ["n_transit=40", "compress_interval=20"]
 TINY_COMPRESSED = TINY_COLLECT + TINY_MODEL + ["n_transit=48", "compress_interval=20"]
 

@@ -258,3 +258,144 @@ def test_min_source_return_leaves_out_training_tasks_the_source_never_learned(ad
         HistoryDataset(path, cfg, "train", batch_size=4, seed=0)
     with pytest.raises(UserError, match="min_source_return is a fraction of each task's optimum in \\[0, 1\\]"):
         load_config("config/model/ad_dr_compressed.yaml", [*over, "min_source_return=1.5"])
+
+
+def _sample_regions_in_history(b, i, hist, tokens, region_len=20):
+    """[(goal, stream, [region indices])] of every stream of the train goals whose regions hold sample i's regions, token
+    for token (state ids, prev ids, action targets), in the sample's order."""
+    n = int(b["n_regions"][i])
+    steps = np.flatnonzero(b["type_ids"][i] == STEP)[: region_len * n]
+    st, pv, act = (b[k][i, steps].reshape(n, region_len) for k in ("state_ids", "prev_ids", "target_action"))
+    out = []
+    for g, h in hist.items():
+        T, S = h["actions"].shape
+        for s in range(S):
+            found = []
+            for j in range(n):
+                at = [r for r in range(T // region_len) if
+                      (tokens[g][0][r * region_len : (r + 1) * region_len, s] == st[j]).all()
+                      and (tokens[g][1][r * region_len : (r + 1) * region_len, s] == pv[j]).all()
+                      and (h["actions"][r * region_len : (r + 1) * region_len, s] == act[j]).all()]
+                if not at:
+                    break
+                found.append(at)
+            if len(found) == n:
+                out.append((g, s, found))
+    return out
+
+
+@pytest.mark.parametrize(("max_regions", "stride"), [(2, 2), (2, 3), (3, 2)])
+def test_strided_samples_hold_regions_k_minus_js_of_one_stream(tiny_history, max_regions, stride):
+    """region_stride=s: a sample is `C r_{k-(m-1)s} E ... E C r_{k-s} E C r_k` of one stream (its tokens are those regions
+    of the history), with fewer regions where k < (m-1)s, down to the one-region samples `C r_k` for k < s."""
+    from dataset import stream_tokens
+
+    cfg = load_config("config/model/ad_dr_compressed.yaml", tiny_history["compressed"] + [
+        f"max_regions={max_regions}", f"n_transit={max_regions * 22 + 2}", f"region_stride={stride}"])
+    ds = HistoryDataset(tiny_history["path"], cfg, "train", batch_size=64, seed=2)
+    b = {k: v.numpy() for k, v in ds.batch(0).items()}
+    hist = {g: _history(tiny_history, g) for g in (0, 1)}
+    tokens = {g: stream_tokens(h["states"], h["actions"], h["rewards"], h["dones"], 9) for g, h in hist.items()}
+    seen = set()
+    for i in range(64):
+        n = int(b["n_regions"][i])
+        layout = ([COMPRESS_START] + [STEP] * 20 + [COMPRESS_END]) * (n - 1) + [COMPRESS_START] + [STEP] * 20
+        assert b["type_ids"][i, : len(layout)].tolist() == layout and (b["type_ids"][i, len(layout) :] == STEP).all()
+        tt = b["target_token_type"][i, np.flatnonzero(b["type_ids"][i] == STEP)[: 20 * n]]
+        assert np.flatnonzero(tt == COMPRESS_END).tolist() == [20 * j + 19 for j in range(n)]  # every region closes
+        # some stream of one goal holds region k - (n-1-j)s at the j-th place, for a k that gives n regions
+        fits = [(g, s, k) for g, s, found in _sample_regions_in_history(b, i, hist, tokens) for k in found[-1]
+                if all(k - (n - 1 - j) * stride in found[j] for j in range(n)) and n == min(max_regions, k // stride + 1)]
+        assert fits, f"sample {i} ({n} regions) is not regions k-(n-1)s..k of one stream for any k"
+        seen.add(fits[0][2])
+    assert seen == {0, 1, 2, 3}  # every newest region, the one-region samples of k < s included
+    assert ds.sample_regions(3) == [3 - j * stride for j in range(min(max_regions, 3 // stride + 1) - 1, -1, -1)]
+
+
+def test_stride_one_draws_the_batches_it_drew_before(tiny_history):
+    """region_stride=1 and first_region_any=false are the sampling every run before them used: the same batches."""
+    cfg = _cfg(tiny_history, "compressed")
+    assert cfg["region_stride"] == 1 and cfg["first_region_any"] is False and cfg["target"] == "action"
+    old = {k: v for k, v in cfg.items() if k not in ("region_stride", "first_region_any", "target")}  # a config from before
+    a, b = (HistoryDataset(tiny_history["path"], c, "train", 16, seed=4) for c in (cfg, old))
+    for step in range(3):
+        assert all((a.batch(step)[k] == b.batch(step)[k]).all() for k in a.batch(step))
+    for k in range(4):
+        assert a.sample_regions(k) == list(range(max(0, k - 1), k + 1))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_first_region_any_draws_one_region_samples_from_every_region(tiny_history, stride):
+    """first_region_any=true: the one-region samples `C r_k` come from every k (not only k < stride), in the same share
+    of the batch; the samples with more regions are unchanged in kind."""
+    from dataset import stream_tokens
+
+    over = tiny_history["compressed"] + [f"region_stride={stride}"]
+    hist = {g: _history(tiny_history, g) for g in (0, 1)}
+    tokens = {g: stream_tokens(h["states"], h["actions"], h["rewards"], h["dones"], 9) for g, h in hist.items()}
+    single = {}
+    for any_k in (False, True):
+        cfg = load_config("config/model/ad_dr_compressed.yaml", over + [f"first_region_any={str(any_k).lower()}"])
+        ds = HistoryDataset(tiny_history["path"], cfg, "train", batch_size=256, seed=5)
+        b = {k: v.numpy() for k, v in ds.batch(0).items()}
+        ks = set()
+        for i in np.flatnonzero(b["n_regions"] == 1):
+            hits = _sample_regions_in_history(b, i, hist, tokens)
+            assert hits, f"one-region sample {i} is not a region of a train stream"
+            ks |= set(hits[0][2][0])
+        single[any_k] = (ks, (b["n_regions"] == 1).mean())
+    assert single[False][0] == set(range(stride)) and single[True][0] == {0, 1, 2, 3}
+    assert abs(single[True][1] - stride / 4) < 0.1 and abs(single[False][1] - stride / 4) < 0.1  # the same share: s of 4
+
+
+def test_the_stage_before_each_step_counts_the_episode_rewards():
+    from dataset import episode_stage
+
+    rewards = np.array([[0, 1], [1, 1], [0, 0], [1, 1], [1, 0], [0, 1]])
+    dones = np.zeros_like(rewards, bool)
+    dones[2] = True  # episodes of 3 steps
+    assert episode_stage(rewards, dones).tolist() == [[0, 0], [0, 1], [1, 2], [0, 0], [1, 1], [2, 1]]
+
+
+def test_dpt_labels_are_the_oracle_action_of_each_state_and_the_context_is_unchanged(tiny_history):
+    """target=oracle (DPT): every step's action target is Darkroom's optimal action in that step's state for the sample's
+    goal (toward the goal, row first, then stay), for both modes; the tokens the model reads are AD's, token for token."""
+    from env.darkroom import goal_to_pos
+
+    for mode in ("standard", "compressed"):
+        ad = HistoryDataset(tiny_history["path"], _cfg(tiny_history, mode), "train", 32, seed=6)
+        cfg = load_config(f"config/model/{'ad_dr_compressed' if mode == 'compressed' else 'ad_dr'}.yaml",
+                          tiny_history[mode] + ["target=oracle"])
+        dpt = HistoryDataset(tiny_history["path"], cfg, "train", 32, seed=6)
+        a, b = ad.batch(0), dpt.batch(0)
+        for k in ("type_ids", "state_ids", "prev_ids") + (("target_token_type",) if mode == "compressed" else ()):
+            assert (a[k] == b[k]).all()
+        assert ((a["target_action"] == IGNORE) == (b["target_action"] == IGNORE)).all()
+        assert (a["target_action"] != b["target_action"]).any()  # PPO's actions are not the oracle's
+        for g in dpt.goals:  # the labels of the loaded histories, state by state, against a hand-written oracle
+            gr, gc = goal_to_pos(g)
+            st = _history(tiny_history, g)["states"]
+            want = np.where(st[..., 0] < gr, 0, np.where(st[..., 0] > gr, 1, np.where(st[..., 1] < gc, 2,
+                            np.where(st[..., 1] > gc, 3, 4))))
+            assert (dpt.data[g]["target"] == want).all() and (dpt.data[g]["actions"] == ad.data[g]["actions"]).all()
+        # and in the batch: each label is the oracle's at the token's own state, for the goal whose history holds it
+        sup = (b["target_action"] != IGNORE).numpy()
+        rows, cols = np.nonzero(sup)
+        st = b["state_ids"].numpy()[rows, cols]
+        labels = b["target_action"].numpy()[rows, cols]
+        oracle = {g: np.array([dpt.data[g]["target"].ravel()[dpt.data[g]["state_ids"].ravel() == s][:1].tolist() or [-1]
+                               for s in range(81)])[:, 0] for g in dpt.goals}
+        assert all(any(oracle[g][s] == lab for g in dpt.goals) for s, lab in zip(st, labels, strict=True))
+
+
+def test_bad_sampling_keys_are_refused_in_one_line(tiny_history):
+    from common import UserError
+
+    for over, msg in ((["target=ppo"], "target must be one of action, oracle"),
+                      (["region_stride=2"], "region_stride=2 is for compressed mode"),
+                      (["first_region_any=true"], "first_region_any=true is for compressed mode")):
+        cfg = load_config("config/model/ad_dr.yaml", tiny_history["standard"] + over)
+        with pytest.raises(UserError, match=msg):
+            HistoryDataset(tiny_history["path"], cfg, "train", 2, seed=0)
+    with pytest.raises(UserError, match="region_stride' must be > 0"):
+        load_config("config/model/ad_dr_compressed.yaml", tiny_history["compressed"] + ["region_stride=0"])

@@ -25,7 +25,7 @@ from dataset import HistoryDataset
 from model import weights_digest
 
 COMPRESSED_CONFIG = ROOT / "config" / "model" / "ad_dr_compressed.yaml"
-STEPS = ["train_timesteps=6", "log_interval=2", "test_interval=3", "ckpt_interval=3"]
+STEPS = ["train_timesteps=6", "log_interval=2", "val_interval=3", "ckpt_interval=3"]
 
 
 def free_port() -> int:
@@ -68,7 +68,7 @@ def assert_one_set_of_outputs(proc: subprocess.CompletedProcess, run_dir: Path) 
 @pytest.fixture(scope="module")
 def ddp_run(tiny_history, tmp_path_factory) -> dict:
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    overrides = tiny_history["standard"] + STEPS + ["test_batches=3", "mixed_precision=no"]  # the reference is fp32
+    overrides = tiny_history["standard"] + STEPS + ["val_batches=3", "mixed_precision=no"]  # the reference is fp32
     proc = launch(DEFAULT_MODEL_CONFIG, run_dir, overrides)
     return {"proc": proc, "run_dir": run_dir, "cfg": load_config(DEFAULT_MODEL_CONFIG, overrides)}
 
@@ -105,7 +105,7 @@ def test_ddp_equals_averaged_gradients_of_both_ranks_shards(ddp_run):
     model.eval()
     test = HistoryDataset(history_path(cfg), cfg, "val", cfg["train_batch_size"], cfg["seed"] + 10_000)
     with torch.no_grad():
-        outs = [model(test.batch(i)) for i in range(cfg["test_batches"])]
+        outs = [model(test.batch(i)) for i in range(cfg["val_batches"])]
     n = sum(float(o["n_targets"]) for o in outs)
     loss = sum(float(o["loss_action"]) * float(o["n_targets"]) for o in outs) / n
     summary = json.loads((ddp_run["run_dir"] / "train_summary.json").read_text())
@@ -118,14 +118,14 @@ def test_checkpoint_loads_in_single_process_evaluate(ddp_run):
     assert summary["mode"] == "standard" and summary["n_episodes"] > 0
 
 
-def test_compressed_mode_with_fewer_test_batches_than_ranks(tiny_history, tmp_path):
+def test_compressed_mode_with_fewer_val_batches_than_ranks(tiny_history, tmp_path):
     """Rank 1 has no test batch here; it must still join the metric all-reduce (this used to hang)."""
     run_dir = tmp_path / "run"
-    proc = launch(COMPRESSED_CONFIG, run_dir, tiny_history["compressed"] + STEPS + ["test_batches=1"])
+    proc = launch(COMPRESSED_CONFIG, run_dir, tiny_history["compressed"] + STEPS + ["val_batches=1"])
     assert_one_set_of_outputs(proc, run_dir)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     # the metrics are rank 0's single batch: what one process computes on val batch 0 with the saved weights
-    cfg = load_config(COMPRESSED_CONFIG, tiny_history["compressed"] + STEPS + ["test_batches=1"])
+    cfg = load_config(COMPRESSED_CONFIG, tiny_history["compressed"] + STEPS + ["val_batches=1"])
     model, _, _ = train.build(cfg)
     model.load_state_dict(torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)["model"])
     val = HistoryDataset(history_path(cfg), cfg, "val", cfg["train_batch_size"], cfg["seed"] + 10_000)

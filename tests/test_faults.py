@@ -30,7 +30,7 @@ HISTORY = "history_darkroom_PPO_alg-seed42.hdf5"
 STEPS = 300
 CKPT_INTERVAL = 20
 # deterministic=true: on GPU, bit-identical resume needs deterministic kernels (on CPU it changes nothing)
-TRAIN = [f"train_timesteps={STEPS}", "log_interval=5", "test_interval=10", f"ckpt_interval={CKPT_INTERVAL}", "dropout=0.1",
+TRAIN = [f"train_timesteps={STEPS}", "log_interval=5", "val_interval=10", f"ckpt_interval={CKPT_INTERVAL}", "dropout=0.1",
          "deterministic=true"]
 TAGS = ("train/loss_action", "train/lr", "val/loss_action", "val/return")
 RESUME_CASES = [("standard", "no"), ("compressed", "bf16")]  # each mode once, and a mixed-precision resume
@@ -141,7 +141,7 @@ def test_continuing_a_finished_run_keeps_its_lr_schedule(tiny_history, tmp_path)
     from train import lr_lambda
 
     run_dir = tmp_path / "run"
-    base = [*tiny_history["standard"], "log_interval=1", "test_interval=20", "ckpt_interval=20", "warmup_steps=4"]
+    base = [*tiny_history["standard"], "log_interval=1", "val_interval=20", "ckpt_interval=20", "warmup_steps=4"]
     run_script("train.py", "--run-dir", str(run_dir), *base, "train_timesteps=40")
     out = run_script("train.py", "--run-dir", str(run_dir), *base, "train_timesteps=80").stdout
     assert "keeps the horizon of 40 steps" in out, out

@@ -11,8 +11,8 @@ import study_stats as st
 from common import ENV_CONFIGS, env_configs, load_config
 from env import optimal_return, task_split
 
-TINY = ["d_model=16", "n_layer=1", "n_head=2", "train_batch_size=4", "train_timesteps=4", "log_interval=2", "test_interval=2",
-        "test_batches=1", "ckpt_interval=2", "warmup_steps=2", "eval_episodes=4", "eval_streams=2", "val_episodes=2",
+TINY = ["d_model=16", "n_layer=1", "n_head=2", "train_batch_size=4", "train_timesteps=4", "log_interval=2", "val_interval=2",
+        "val_batches=1", "ckpt_interval=2", "warmup_steps=2", "eval_episodes=4", "eval_streams=2", "val_episodes=2",
         "compress_interval=20", "n_transit=48"]
 
 
@@ -41,9 +41,12 @@ def test_study_trains_tunes_evaluates_and_reports(tiny_study):
     assert cfg_std["num_processes"] == 1
     tuning = json.loads((root / "tuning.json").read_text())
     assert set(tuning["temperatures"]) == set(arms) and set(tuning["temperatures"].values()) <= {0.5, 1.0}
-    for arm in arms:  # the chosen temperature is the best validation score of the grid
-        scores = tuning["val_scores"][arm]
-        assert scores[f"{tuning['temperatures'][arm]:g}"] == max(scores.values())
+    for arm in arms:  # the chosen temperature: no more stranded runs than the grid's fewest (+ slack), then the best tail
+        table = tuning["val_table"][arm]
+        eligible = {t: v["mean_last"] for t, v in table.items() if v["eligible"]}
+        floor = min(v["never_frac"] for v in table.values())
+        assert all(v["eligible"] == (v["never_frac"] <= floor + tuning["never_slack"] + 1e-12) for v in table.values())
+        assert f"{tuning['temperatures'][arm]:g}" == max(eligible, key=eligible.get)
     report = json.loads((root / "report.json").read_text())
     assert report["goals"] == [38, 51, 62, 65, 33, 5, 53, 49] and report["seeds"] == [0, 1]
     # the report's numbers are those of the saved test evaluations
@@ -62,8 +65,10 @@ def test_study_trains_tunes_evaluates_and_reports(tiny_study):
     assert set(report["probability_of_improvement"]) == {"compressed vs standard-240", "compressed vs standard-160",
                                                          "compressed vs compressed-fixed", "standard-160 vs standard-240"}
     md = (root / "report.md").read_text()
-    for phrase in ("| arm | T (val) |", "## Comparisons", "includes 0", "Source PPO on the same goals"):
+    for phrase in ("| arm | T (val) | runs | first 10 | first 50 | all episodes | last | episodes to 90 % (median) | speed-up "
+                   "over PPO |", "## Comparisons", "includes 0", "Source PPO on the same goals", "pools its 4 streams"):
         assert phrase in md
+    assert set(report["speedup_over_ppo"]) == set(arms) and report["ppo_streams"] == 4
     for png in ("learning_curves.png", "aggregates.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -110,7 +115,10 @@ def test_an_evaluation_with_no_boundary_grid_saves_and_loads_without_pickle(tiny
 def test_study_refuses_bad_arguments(tmp_path):
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed,everything", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: --arms: everything is not one of standard-240, standard-160, compressed, compressed-fixed, compressed-adaptive"]
+        "error: --arms: everything is not one of standard-240, standard-160, compressed, compressed-fixed, compressed-adaptive, "
+        "dpt, searcher, ppo, compressed-stride<s> (s >= 2; compressed is stride 1)"]
+    bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed-stride1", check=False)
+    assert bad.returncode == 2 and "compressed-stride1 is not one of" in bad.stderr
     assert not any(tmp_path.iterdir())  # nothing written
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--eval-seeds", "0,1000", check=False)
     assert "may not include 1000" in bad.stderr
@@ -137,3 +145,110 @@ def test_both_modes_of_every_env_train_and_evaluate_alike(env):
     assert differ <= MODE_KEYS, f"{env}: the two modes' configs also differ in {sorted(differ - MODE_KEYS)}"
     assert standard["use_compressed_context"] is False and compressed["use_compressed_context"] is True
     assert standard["env"] == compressed["env"] == env
+
+
+def test_evaluations_pass_eval_cache_on(monkeypatch):
+    """study.py accepts eval_cache=...: _evaluate must hand it to run_in_context (it used to drop it)."""
+    import evaluate
+    import study
+
+    seen = {}
+    cfg = load_config("config/model/ad_dr.yaml", ["eval_episodes=2", "eval_streams=1"])
+
+    def fake_run(model, cfg, goals, **kw):
+        seen.update(kw)
+        return {"returns": np.zeros((len(goals), 1, 2))}
+
+    for cache in (False, True):
+        monkeypatch.setattr(evaluate, "load_run", lambda run_dir, over, device, c=cache: (None, {**cfg, "eval_cache": c}))
+        monkeypatch.setattr(evaluate, "run_in_context", fake_run)
+        monkeypatch.setattr(evaluate, "summarize", lambda res, goals, cfg: {})
+        study._evaluate({"run_dir": "unused", "overrides": [f"eval_cache={str(cache).lower()}"], "split": "test"})
+        assert seen["use_cache"] is cache
+
+
+def test_new_arms_train_evaluate_and_name_their_configs():
+    import study
+
+    assert study.parse_arms("compressed,compressed-stride2,dpt,searcher,ppo") == [
+        "compressed", "compressed-stride2", "dpt", "searcher", "ppo"]
+    assert all(a not in study.ARMS for a in ("dpt", "searcher", "ppo", "compressed-stride2"))  # the default is unchanged
+    config, over = study.train_config("compressed-stride3", 1, ["lr=0.002"], "darkroom")
+    cfg = load_config(config, over)
+    assert cfg["region_stride"] == 3 and cfg["use_compressed_context"] and cfg["seed"] == 1 and cfg["lr"] == 0.002
+    assert study.run_dir_of(study.Path("r"), "compressed-stride3", 1).name == "compressed-stride3-seed1"
+    assert "eval_prune=model" in study.eval_spec(study.Path("r"), "compressed-stride3", 0, "val", 0.5, 1000, 4, [])["overrides"]
+    assert not study.is_trained("searcher") and not study.is_trained("ppo") and study.is_trained("dpt")
+    # the dpt arm is config/model/ad_dr_dpt.yaml (standard-240's model and window, oracle targets) on Darkroom
+    dpt = load_config(*study.train_config("dpt", 0, [], "darkroom"))
+    assert dpt["target"] == "oracle" and not dpt["use_compressed_context"]
+    ref = load_config("config/model/ad_dr_dpt.yaml")
+    assert {k for k in dpt.keys() | ref.keys() if dpt.get(k) != ref.get(k)} == {"run_name"}
+    for env in ENV_CONFIGS:  # and on every env: standard-240 with oracle targets
+        std = load_config(*study.train_config("standard-240", 0, [], env))
+        d = load_config(*study.train_config("dpt", 0, [], env))
+        assert {k for k in d if d[k] != std[k]} == {"target"}
+
+
+def test_statistics_are_apart_from_rendering_on_synthetic_returns():
+    """compute_statistics is pure (returns in, numbers out) and render_markdown only formats them: on runs that jump to
+    the optimum at known episodes, the table holds the known first-10 mean, episodes to 90 % and speed-up."""
+    import study
+
+    opt = np.array([10.0, 20.0])
+
+    def jumps(js, n_seeds, n_episodes):
+        R = np.zeros((n_seeds, 2, len(js), n_episodes))
+        for k, j in enumerate(js):
+            R[:, :, k, j:] = opt[None, :, None]
+        return R
+
+    returns = {"compressed": jumps([0, 0, 0, 0], 2, 40), "standard-240": jumps([0, 5, 5, 5], 2, 40),
+               "ppo": jumps([20, 20, 20, 30], 1, 52)}
+    stats = study.compute_statistics(returns, opt, returns["ppo"], reps=50)
+    s = stats["summary"]
+    assert s["compressed"]["first10"]["mean"] == 1.0 and s["standard-240"]["first10"]["mean"] == pytest.approx(0.625)
+    assert s["compressed"]["to_threshold"]["median"] == 9 and s["standard-240"]["to_threshold"]["median"] == 13
+    assert s["ppo"]["to_threshold"]["median"] == 28 and s["ppo"]["last_episodes"] == 10
+    assert stats["speedup"]["compressed"]["ratio"] == pytest.approx(29 / 10)
+    assert stats["speedup"]["ppo"]["ratio"] == 1.0
+    assert set(stats["paired_differences"]) == {"compressed vs standard-240"}  # the reference arm is in no pair
+    meta = {"goals": [38, 51], "opt": opt, "seeds": [0, 1], "eval_seeds": [0], "episodes": 40, "reps": 50,
+            "windows": "Arms: ...", "temps": {"compressed": 0.5, "standard-240": 1.0, "ppo": None},
+            "train": {}, "side": {a: {"seconds": [1.0], "n_closes": 0, "n_forced_closes": 0} for a in returns}}
+    md = study.render_markdown(stats, meta)
+    row = next(line for line in md.splitlines() if line.startswith("| compressed |"))
+    assert "| 1.000 [1.000, 1.000] |" in row and "| 9 [9, 9] of 40 (never: 0.0%) |" in row and "| 2.90 [" in row
+    assert next(line for line in md.splitlines() if line.startswith("| ppo |")).startswith("| ppo | - | 4 |")
+    json.dumps(study.report_json(stats, meta))
+
+
+def test_reference_arms_dpt_and_a_stride_in_the_tiny_study(tiny_study, tmp_path):
+    """--arms with the optional arms: dpt and compressed-stride2 are trained (with target=oracle, region_stride=2) and
+    tuned, the searcher and the source PPO are not; every arm is a row of the report, the searcher's returns are
+    run_searcher's on the test streams and PPO's are its history's, per stream."""
+    import yaml
+
+    from searcher import run_searcher
+
+    root, out = tiny_study["root"], tmp_path / "report"
+    args = [*tiny_study["args"], "--arms", "compressed,compressed-stride2,dpt,searcher,ppo", "--report-dir", str(out)]
+    proc = run_script("study.py", *args, timeout=600)
+    assert "skip training compressed seed 0" in proc.stdout
+    for arm, key, value in (("compressed-stride2", "region_stride", 2), ("dpt", "target", "oracle")):
+        for seed in (0, 1):
+            assert yaml.safe_load((root / "runs" / f"{arm}-seed{seed}" / "config.yaml").read_text())[key] == value
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert set(tuning["temperatures"]) == {"compressed", "compressed-stride2", "dpt"}
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["table"]) == ["compressed", "compressed-stride2", "dpt", "searcher", "ppo"]
+    assert report["temperatures"]["searcher"] is None and report["table"]["ppo"]["n_runs"] == 4  # the history's 4 streams
+    assert report["table"]["searcher"]["n_runs"] == 2 * 2  # eval_streams x evaluation seeds
+    cfg = tiny_study["cfg"]
+    goals = task_split(cfg, "test")
+    opt = np.array([optimal_return(g) for g in goals], dtype=float)
+    R = np.concatenate([run_searcher(cfg, goals, n_streams=2, n_episodes=4, seed=e)["returns"] for e in (0, 1)], axis=1)
+    assert report["aggregate"]["searcher"]["mean"] == pytest.approx(st.run_scores(R[None], opt).mean())
+    assert set(report["paired_differences"]) == {"compressed-stride2 vs compressed"}  # no standard-240 for dpt here
+    md = (out / "report.md").read_text()
+    assert "| searcher | - |" in md and "| ppo | - |" in md and "| dpt |" in md

@@ -205,3 +205,80 @@ def test_describe_interval():
     assert "includes 0" in ss.describe_interval(0.0, 0.0)
     assert "excludes 0" in ss.describe_interval(0.01, 0.2) and "higher" in ss.describe_interval(0.01, 0.2)
     assert "excludes 0" in ss.describe_interval(-0.3, -0.1) and "lower" in ss.describe_interval(-0.3, -0.1)
+
+
+def _step_runs(optimum, jumps, n_episodes, n_seeds=1):
+    """Returns [S, G, K, E]: run k of every goal earns 0 until episode jumps[k] (None: never), the optimum from then on."""
+    R = np.zeros((n_seeds, len(optimum), len(jumps), n_episodes))
+    for k, j in enumerate(jumps):
+        if j is not None:
+            R[:, :, k, j:] = np.asarray(optimum, float)[None, :, None]
+    return R
+
+
+def test_first_episode_windows_of_run_scores():
+    optimum = np.array([10.0, 20.0])
+    R = _step_runs(optimum, [0, 5, 20, None], 100)
+    assert ss.run_scores(R, optimum, first=10).mean() == pytest.approx((1 + 0.5 + 0 + 0) / 4)
+    assert ss.run_scores(R, optimum, first=500).mean() == pytest.approx(ss.run_scores(R, optimum).mean())  # all of it
+    with pytest.raises(ValueError):
+        ss.run_scores(R, optimum, first=0)
+    with pytest.raises(ValueError):
+        ss.run_scores(R, optimum, first=10, last=10)
+
+
+def test_last_window_is_the_last_fifth():
+    assert [ss.last_window(n) for n in (500, 100, 52, 4)] == [100, 20, 10, 1]
+
+
+def test_arm_summary_on_step_returns_with_known_answers():
+    """Runs that jump to the optimum at episodes 0, 5, 20 and never, on two goals: the table's columns by hand."""
+    optimum = np.array([10.0, 20.0])
+    out = ss.arm_summary(_step_runs(optimum, [0, 5, 20, None], 100), optimum, reps=REPS)
+    assert out["n_episodes"] == 100 and out["last_episodes"] == 20 and out["n_runs"] == 4
+    assert out["first10"]["mean"] == pytest.approx((1 + 0.5 + 0 + 0) / 4)
+    assert out["first50"]["mean"] == pytest.approx((1 + 0.9 + 0.6 + 0) / 4)
+    assert out["all"]["mean"] == pytest.approx((1 + 0.95 + 0.8 + 0) / 4)
+    assert out["last"]["mean"] == pytest.approx(0.75)
+    for key in ("first10", "first50", "all", "last"):
+        assert out[key]["ci"][0] <= out[key]["mean"] <= out[key]["ci"][1]
+    # 10-episode moving average >= 0.9: the window ending at episode 9 (jump 0, the floor), 5 + 8, 20 + 8, never (100)
+    to90 = out["to_threshold"]
+    assert to90["values"] == [[[9, 13, 28, 100]] * 2]
+    assert to90["median"] == pytest.approx(20.5) and to90["never_frac"] == 0.25
+    json.dumps(out)
+
+
+def test_speedup_is_the_ratio_of_median_episodes_needed():
+    ppo = {"values": [[[19, 29, 39, 29, 51]]], "n_episodes": 52}  # median 29: 30 episodes needed
+    arm = {"values": [[[9, 9, 14, 9]]], "n_episodes": 500}  # median 9: 10 episodes
+    out = ss.speedup(ppo, arm, reps=REPS)
+    assert out["ratio"] == pytest.approx(3.0) and out["ci"][0] <= 3.0 <= out["ci"][1]
+    assert not out["at_least"] and not out["at_most"]
+    same = ss.speedup(arm, arm, reps=REPS)
+    assert same["ratio"] == 1.0
+    censored = ss.speedup({"values": [[[52, 52, 10]]], "n_episodes": 52}, arm, reps=REPS)  # most PPO runs never get there
+    assert censored["at_least"] and censored["ratio"] == pytest.approx(53 / 10)
+    assert ss.speedup(ppo, {"values": [[[500, 500, 9]]], "n_episodes": 500}, reps=REPS)["at_most"]
+
+
+def test_tuning_rule_never_picks_a_temperature_that_strands_runs():
+    """T=0.5: 80 % of runs at the optimum at once, 20 % never find it (all-episode mean 0.80: the old rule's pick);
+    T=1.0: every run at half the optimum for 50 episodes, then at it (mean 0.75, none stranded). The rule picks 1.0."""
+    optimum = np.array([10.0, 20.0])
+    stranding = _step_runs(optimum, [0, 0, 0, 0, None], 100)
+    slow = np.concatenate([np.full((1, 2, 5, 50), 0.5), np.ones((1, 2, 5, 50))], -1) * optimum[None, :, None, None]
+    chosen, table = ss.choose_temperature({0.5: stranding, 1.0: slow}, optimum)
+    assert table[0.5]["mean"] == pytest.approx(0.8) and table[1.0]["mean"] == pytest.approx(0.75)  # the old rule: 0.5
+    assert table[0.5]["never_frac"] == pytest.approx(0.2) and table[1.0]["never_frac"] == 0.0
+    assert not table[0.5]["eligible"] and table[1.0]["eligible"] and chosen == 1.0
+    # none stranded: the last fifth decides, not the early episodes
+    late = _step_runs(optimum, [0, 0, 0, 0, 85], 100)  # every run found it; one only at episode 85
+    chosen, table = ss.choose_temperature({0.5: late, 1.0: slow}, optimum)
+    assert table[0.5]["mean"] > table[1.0]["mean"] and table[0.5]["mean_last"] < table[1.0]["mean_last"] and chosen == 1.0
+    # within never_slack of the lowest never fraction a temperature stays eligible; ties go to the first in the grid
+    one_stranded = _step_runs(optimum, [0] * 49 + [None], 100)  # 2 % never, last fifth 0.98
+    slower = np.concatenate([np.full((1, 2, 5, 90), 0.5), np.ones((1, 2, 5, 10))], -1) * optimum[None, :, None, None]
+    assert ss.choose_temperature({0.5: one_stranded, 1.0: slower}, optimum, never_slack=0.02)[0] == 0.5
+    assert ss.choose_temperature({0.5: one_stranded, 1.0: slower}, optimum, never_slack=0.0)[0] == 1.0
+    assert ss.choose_temperature({0.7: slow, 1.0: slow.copy()}, optimum)[0] == 0.7

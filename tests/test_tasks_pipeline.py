@@ -23,8 +23,8 @@ NEW_ENVS = ("darkroom_permuted", "dark_key_to_door")
 # tiny PPO (regions of 25 steps, half an episode) on a tiny selection: 2 train, 1 validation, 2 test tasks
 TINY_COLLECT = ["n_stream=4", "n_steps=25", "total_source_timesteps=100", "ppo_batch_size=50", "ppo_n_epochs=2",
                 "n_process=1", "n_train_tasks=2", "n_test_tasks=2", "n_val_tasks=1"]
-TINY_MODEL = ["d_model=16", "n_layer=1", "n_head=2", "train_batch_size=4", "log_interval=2", "test_interval=2",
-              "test_batches=1", "ckpt_interval=2", "warmup_steps=2", "train_timesteps=4", "eval_episodes=3",
+TINY_MODEL = ["d_model=16", "n_layer=1", "n_head=2", "train_batch_size=4", "log_interval=2", "val_interval=2",
+              "val_batches=1", "ckpt_interval=2", "warmup_steps=2", "train_timesteps=4", "eval_episodes=3",
               "eval_streams=2", "val_episodes=2", "compress_interval=25", "eval_window_shift=25",
               "min_source_return=0"]  # Key-to-Door's configs train only on tasks the source learned; this tiny PPO learns none
 # compressed: up to 3 regions (both envs keep 3): C r E C r E C r = 3 x 27 - 1 = 80
@@ -210,7 +210,7 @@ def test_shards_merge_into_the_single_collection(tiny_task_history, tmp_path):
     cut = (sel[1] + sel[2]) // 2 + 1  # ranges of task ids: each shard gets the selected tasks in its range
     shards = [tmp_path / "s0.hdf5", tmp_path / "s1.hdf5"]
     for shard, tasks in zip(shards, (f"0:{cut}", f"{cut}:{n}"), strict=True):
-        run_script("collect.py", "--config", str(env_configs(env)["collect"]), "--tasks", tasks, "--out", str(shard),
+        run_script("collect.py", "--config", str(env_configs(env)["collect"]), "--goals", tasks, "--out", str(shard),
                    *tiny_task_history["overrides"])
     assert [sorted(read_groups(s)) for s in shards] == [sel[:2], sel[2:]]
     merged = tmp_path / "merged.hdf5"

@@ -211,7 +211,7 @@ def test_write_report_function(workflow, tmp_path):
 
 
 def test_visualize_history_stream(tiny_history, tmp_path):
-    out = run_script(VISUALIZE, "--env_idx", "38", "--max_steps", "60", "--stream", "1", "--out", str(tmp_path),
+    out = run_script(VISUALIZE, "--goal", "38", "--max-steps", "60", "--stream", "1", "--out-dir", str(tmp_path),
                      *TINY_COLLECT, f"traj_dir={tiny_history['traj_dir']}").stdout  # fmt: skip
     png = tmp_path / "history_goal38_stream1.png"
     assert f"wrote {png}" in out
@@ -219,7 +219,7 @@ def test_visualize_history_stream(tiny_history, tmp_path):
 
 
 def test_visualize_analyze(tiny_history, tmp_path):
-    out = run_script(VISUALIZE, "--analyze", "--out", str(tmp_path), f"traj_dir={tiny_history['traj_dir']}").stdout
+    out = run_script(VISUALIZE, "--analyze", "--out-dir", str(tmp_path), f"traj_dir={tiny_history['traj_dir']}").stdout
     assert "return per episode by region index" in out
     assert all(f"\n{g:>4} " in out for g in tiny_history["goals"])
     assert_png(tmp_path / "analysis.png")
@@ -227,23 +227,23 @@ def test_visualize_analyze(tiny_history, tmp_path):
 
 def test_visualize_run_closes(workflow, tmp_path):
     run_dir = workflow["root"] / RUNS["compressed"]
-    out = run_script(VISUALIZE, "--run-dir", str(run_dir), "--out", str(tmp_path)).stdout
+    out = run_script(VISUALIZE, "--run-dir", str(run_dir), "--out-dir", str(tmp_path)).stdout
     png = tmp_path / f"eval_closes_{run_dir.name}.png"
     assert f"wrote {png}" in out
     assert_png(png)
 
 
-@pytest.mark.parametrize("case", ["env_idx_outside", "goal_not_collected", "standard_run", "run_not_evaluated", "no_history"])
+@pytest.mark.parametrize("case", ["goal_outside", "goal_not_collected", "standard_run", "run_not_evaluated", "no_history"])
 def test_visualize_bad_input_is_one_line(case, workflow, tiny_history, tmp_path):
     traj = f"traj_dir={tiny_history['traj_dir']}"
     args = {
-        "env_idx_outside": (["--env_idx", "81", traj], "outside the grid"),
-        "goal_not_collected": (["--env_idx", "5", traj], "not in"),
+        "goal_outside": (["--goal", "81", traj], "outside the grid"),
+        "goal_not_collected": (["--goal", "5", traj], "not in"),
         "standard_run": (["--run-dir", str(workflow["root"] / RUNS["standard"])], "standard-mode run"),
         "run_not_evaluated": (["--run-dir", str(tmp_path)], "no eval_summary.json"),
         "no_history": ([f"traj_dir={tmp_path}"], "history file not found"),
     }[case]
-    proc = run_script(VISUALIZE, *args[0], "--out", str(tmp_path / "plots"), check=False)
+    proc = run_script(VISUALIZE, *args[0], "--out-dir", str(tmp_path / "plots"), check=False)
     assert_one_line_error(proc, args[1])
 
 
@@ -251,6 +251,6 @@ def test_visualize_bad_input_is_one_line(case, workflow, tiny_history, tmp_path)
 def test_help_explains_every_flag(script):
     out = run_script(script, "--help").stdout
     flags = {EXAMPLE: ["--mode", "--runs-root", "--goals", "key=value"],
-             VISUALIZE: ["--env_idx", "--max_steps", "--stream", "--analyze", "--run-dir", "--out", "--config"],
-             "compare.py": ["--standard", "--compressed", "--out"]}[script]  # fmt: skip
+             VISUALIZE: ["--goal", "--max-steps", "--stream", "--analyze", "--run-dir", "--out-dir", "--config"],
+             "compare.py": ["--standard", "--compressed", "--out-dir"]}[script]  # fmt: skip
     assert all(f in out for f in flags)

@@ -1,0 +1,75 @@
+"""Summary tokens for closed regions: who sees what, and at which position (pure torch; issue 27).
+
+After each `</compress>` the model writes `n_summary` summary tokens (type ids `SUMMARY + j`, one learned embedding per
+j). When a region is pruned its step and marker tokens leave the context, its summary tokens' keys/values stay. A
+sequence is described by one region index per token (`region_ids`, oldest region first, -1 = padding) and by
+`first_raw`, the index of the oldest region the context still holds raw; regions before it are *pruned*.
+
+Layout (training and the uncached evaluation reference): the pruned regions come first, each `C r E S^n`, then the raw
+regions `C r E S^n ... C r_k` (no `E` after the open region k). At evaluation the pruned regions are not in the cache,
+only the summaries the rule below lets a raw token see.
+
+Visibility (`visible`), on top of causality (a token sees only tokens before it and itself):
+- a token's *view* starts at `base = min(its region, first_raw)`: a token of a pruned region p was last computed when p
+  was the oldest raw region (evaluation rebuilds every raw token after each prune), so it sees raw tokens of its own
+  region only; a raw token sees the raw tokens of the regions `first_raw..its own`;
+- a summary token of region j sees the raw tokens of region j only, the earlier summary tokens of its own group, and
+  older summaries as any token does;
+- older summaries: `accumulate` (Memo-like) - the summaries of the regions `base - max_summaries .. own - 1` (the
+  context keeps the summaries of the last `max_summaries` pruned regions, and those of its closed raw regions);
+  `recurrent` (RSM-like) - the summary of the previous region only (each summary attends to the one before it and
+  replaces it; the cache keeps one pruned summary).
+So every token after a pruned region sees it only through summary tokens. A summary reads older summaries' keys and
+values at the same layer, so information moves one summary hop per layer: through the recurrent chain a region reaches
+a token at most `n_layer - 1` regions after it (accumulate reads the kept summaries directly).
+
+Positions (`layout_positions`): the raw part restarts at 0 at the oldest raw region's `<compress>`, as without
+summaries, and summary tokens take positions in it like any token (`... E S_1 .. S_n C ...`); each pruned region is
+positioned as it was when it was the oldest raw region: its `<compress>` at 0, its summaries at `len + 2 ..`. A summary's
+frozen keys/values were computed at exactly those positions, so an evaluation cache equals a teacher-forced pass over
+this layout, and positions never exceed the raw part's length (`n_transit`) however long the evaluation runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACCUMULATE, RECURRENT = "accumulate", "recurrent"
+SUMMARY_MODES = (ACCUMULATE, RECURRENT)
+
+
+def visible(q_region, q_summary, k_region, k_summary, first_raw, mode: str, max_summaries: int) -> torch.Tensor:
+    """May a query token see a key token (causality aside)? All arguments broadcast: regions are integer tensors,
+    `*_summary` boolean tensors (the token is a summary token), `first_raw` the oldest raw region."""
+    base = torch.minimum(q_region, first_raw)  # the oldest raw region when the query was (last) computed
+    own = k_region == q_region
+    raw_key = ~k_summary & (k_region >= base) & (k_region <= q_region) & (own | ~q_summary)
+    if mode == ACCUMULATE:
+        kept = k_region >= base - max_summaries
+    elif mode == RECURRENT:
+        kept = k_region == q_region - 1
+    else:
+        raise ValueError(f"summary_mode must be one of {SUMMARY_MODES}, got {mode!r}")
+    summary_key = k_summary & (((k_region < q_region) & kept) | (own & q_summary))
+    return raw_key | summary_key
+
+
+def attention_mask(region_ids, is_summary, first_raw, mode: str, max_summaries: int) -> torch.Tensor:
+    """(B, T, T) boolean mask (True = attend) for right-padded sequences (B, T) laid out as in the module docstring;
+    `first_raw` (B,). Every token sees itself, so no row is empty (padding rows included)."""
+    T = region_ids.shape[1]
+    q_r, k_r = region_ids[:, :, None], region_ids[:, None, :]
+    rule = visible(q_r, is_summary[:, :, None], k_r, is_summary[:, None, :], first_raw[:, None, None], mode, max_summaries)
+    causal = torch.ones(T, T, dtype=torch.bool, device=region_ids.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=region_ids.device)
+    return (rule & causal & (k_r >= 0)) | eye
+
+
+def layout_positions(region_ids, first_raw) -> torch.Tensor:
+    """(B, T) positions: each pruned region restarts at 0, and so does the raw part (at its oldest region); padding
+    (region -1) is at 0."""
+    block = torch.minimum(region_ids, first_raw[:, None])  # one block per pruned region, one for the whole raw part
+    idx = torch.arange(region_ids.shape[1], device=region_ids.device).expand_as(block)
+    starts = torch.ones_like(block, dtype=torch.bool)
+    starts[:, 1:] = block[:, 1:] != block[:, :-1]
+    return torch.where(region_ids >= 0, idx - torch.where(starts, idx, 0).cummax(1).values, 0)
