@@ -683,7 +683,9 @@ def machine_line(threads: int) -> tuple[str, str]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import make_parser
+
+    parser = make_parser(__doc__)
     parser.add_argument("--full", action="store_true", help="real sizes (all 81 goals, 500 episodes; ~10 min on 2 cores)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for training and evaluation (default: torch's default, one per core)")

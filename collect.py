@@ -73,7 +73,9 @@ class HistoryCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         t, d, loc = self.t, self.data, self.locals
-        d["states"][t] = self.model._last_obs[:, :2]  # the position the action was taken in (not a stage PPO may see)
+        # the position the action was taken in (not a stage PPO may see): the observation SB3's rollout loop fed the
+        # policy this step, from the callback's locals rather than the private `_last_obs` (the same array, E31)
+        d["states"][t] = loc["obs_tensor"].cpu().numpy()[:, :2]
         d["actions"][t] = loc["actions"]
         d["rewards"][t] = loc["rewards"]
         d["dones"][t] = loc["dones"]

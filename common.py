@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -377,7 +378,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default:" in text or action.default is None or action.default == []:
+        if re.search(r"\bdefault\b", text) or action.default is None or action.default == []:
             return text
         return super()._get_help_string(action)
 

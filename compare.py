@@ -161,9 +161,8 @@ def plot_per_goal(per_goal: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: str | Path) -> dict:
-    """Write report.md, report.json, learning_curves.png and per_goal.png to `out_dir`; returns report.json's dict."""
-    runs = {mode: read_results(Path(d), mode) for mode, d in (("standard", standard_dir), ("compressed", compressed_dir))}
+def check_comparable(runs: dict, standard_dir, compressed_dir) -> None:
+    """Refuse two runs evaluated on different goals or with different episode / stream / seed settings."""
     std_eval, cmp_eval = runs["standard"]["eval"], runs["compressed"]["eval"]
     if [g["goal"] for g in std_eval["per_goal"]] != [g["goal"] for g in cmp_eval["per_goal"]]:
         raise UserError(
@@ -174,9 +173,11 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
         if a != b:
             raise UserError(f"{standard_dir} and {compressed_dir} were evaluated with {key}={a} vs {b}; "
                             f"evaluate both with the same {key} (evaluate.py {key}=... --force)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
+
+def compare_stats(runs: dict) -> dict:
+    """report.json's numbers from `read_results` of both modes: {"metrics": {row: {mode: value}}, "per_goal": [...]}."""
+    std_eval, cmp_eval = runs["standard"]["eval"], runs["compressed"]["eval"]
     metrics = {}
     for key, _, source, src_key, _ in ROWS:
         metrics[key] = {mode: _value(run, source, src_key) for mode, run in runs.items()}
@@ -198,8 +199,13 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
                 "compressed_last100_normalized": gc["last100_normalized"],
             }
         )
+    return {"metrics": metrics, "per_goal": per_goal}
 
-    env = std_eval.get("env", "darkroom")
+
+def render_report(runs: dict, stats: dict) -> str:
+    """report.md from the runs and `compare_stats`'s dict."""
+    metrics, per_goal = stats["metrics"], stats["per_goal"]
+    env = runs["standard"]["eval"].get("env", "darkroom")
     lines = [f"# Standard vs compressed-context AD on held-out {env} tasks", ""]
     for mode, run in runs.items():
         ev = run["eval"]
@@ -246,17 +252,27 @@ def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: 
             f"{g['compressed_last100_normalized']:.3f} |"
         )
     lines += ["", "![learning curves](learning_curves.png)", "", "![per goal](per_goal.png)", ""]
+    return "\n".join(lines)
 
-    optimum_mean = std_eval["optimum_mean"]
-    plot_learning_curves(runs, optimum_mean, out_dir / "learning_curves.png", env)
-    plot_per_goal(per_goal, out_dir / "per_goal.png")
+
+def write_report(standard_dir: str | Path, compressed_dir: str | Path, out_dir: str | Path) -> dict:
+    """Write report.md, report.json, learning_curves.png and per_goal.png to `out_dir`; returns report.json's dict."""
+    runs = {mode: read_results(Path(d), mode) for mode, d in (("standard", standard_dir), ("compressed", compressed_dir))}
+    check_comparable(runs, standard_dir, compressed_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = compare_stats(runs)
+    markdown = render_report(runs, stats)
+    std_eval = runs["standard"]["eval"]
+    plot_learning_curves(runs, std_eval["optimum_mean"], out_dir / "learning_curves.png", std_eval.get("env", "darkroom"))
+    plot_per_goal(stats["per_goal"], out_dir / "per_goal.png")
     report = {
         "runs": {mode: str(run["dir"]) for mode, run in runs.items()},
-        "metrics": metrics,
-        "per_goal": per_goal,
+        "metrics": stats["metrics"],
+        "per_goal": stats["per_goal"],
         "plots": ["learning_curves.png", "per_goal.png"],
     }
-    (out_dir / "report.md").write_text("\n".join(lines))
+    (out_dir / "report.md").write_text(markdown)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     return report
 

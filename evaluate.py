@@ -148,6 +148,74 @@ class Contexts:
         return la, lt
 
 
+class RegionPruner:
+    """Compressed mode's regions: after each step, which streams close their region, and the oldest region dropped.
+
+    A region closes when the token-type head says `</compress>` (P >= eval_close_threshold), or every
+    `compress_interval` steps with eval_prune=fixed; with eval_first_region > 0 every stream's first region is closed
+    after that many steps whatever the head says (a rhythm the model did not choose, which it must read from its
+    context); a region that reaches max_region_steps is closed for it (a forced close). A closing stream gets
+    `</compress>`, loses its oldest region if it then holds more than `max_regions`, and opens the next with `<compress>`.
+    `log` holds, per stream, the steps of each kind of close and of each prune (run_in_context's result keys).
+    """
+
+    LOG_KEYS = ("closes", "forced_closes", "set_closes", "prunes")
+
+    def __init__(self, cfg: dict, ctx: Contexts):
+        B = len(ctx.length)
+        self.ctx, self.max_regions = ctx, cfg["max_regions"]
+        fixed = cfg.get("eval_prune", EVAL_DEFAULTS["eval_prune"]) == "fixed"
+        self.interval = cfg["compress_interval"] if fixed else None  # the compressed-fixed arm: the grid decides
+        self.threshold = cfg.get("eval_close_threshold", EVAL_DEFAULTS["eval_close_threshold"])
+        self.max_region_len = max_region_steps(cfg)  # longest region the model may keep open (then a forced close)
+        self.first_region = cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"])
+        self.in_first = np.full(B, self.first_region > 0)
+        # index of each kept region's <compress> (first n_regions[b] columns; one spare for the region being opened)
+        self.region_starts = np.zeros((B, self.max_regions + 1), dtype=np.int64)
+        self.n_regions = np.ones(B, dtype=np.int64)
+        self.region_len = np.zeros(B, dtype=np.int64)
+        # closes: steps after which the model emitted </compress>; forced_closes: steps at which a region reached
+        # max_region_len; set_closes: the step that closed the first region (eval_first_region); prunes: steps after
+        # which the oldest region was dropped
+        self.log = {k: [[] for _ in range(B)] for k in self.LOG_KEYS}
+        ctx.append(None, COMPRESS_START)
+
+    def after_step(self, t: int, logits_t) -> None:
+        """Step `t` was appended to every stream: close (and prune) the regions that end here."""
+        self.region_len += 1
+        if self.interval is not None:
+            says_end = self.region_len >= self.interval
+        else:
+            says_end = closes_region(logits_t, self.threshold).cpu().numpy()
+        set_end = self.in_first & (self.region_len >= self.first_region)
+        says_end = says_end & ~self.in_first
+        closing = np.flatnonzero(says_end | set_end | (self.region_len >= self.max_region_len))
+        if not len(closing):
+            return
+        for b in closing:  # all closing streams at once: </compress>, prune the oldest region if over budget, <compress>
+            self.log["set_closes" if set_end[b] else "closes" if says_end[b] else "forced_closes"][b].append(t)
+        self.in_first[closing] = False
+        rows = torch.from_numpy(closing).to(self.ctx.device)
+        self.ctx.append(rows, COMPRESS_END)
+        self.region_starts[closing, self.n_regions[closing]] = self.ctx.length[rows].cpu().numpy()  # where <compress> goes
+        self.n_regions[closing] += 1
+        self.drop_oldest(t, closing[self.n_regions[closing] > self.max_regions])
+        self.ctx.append(rows, COMPRESS_START)
+        self.region_len[closing] = 0
+
+    def drop_oldest(self, t: int, over: np.ndarray) -> None:
+        """Drop the oldest region of each stream in `over` (everything before its second kept region)."""
+        if not len(over):
+            return
+        drop = self.region_starts[over, 1].copy()
+        dev = self.ctx.device
+        self.ctx.drop_front(torch.from_numpy(over).to(dev), torch.from_numpy(drop).to(dev))
+        self.region_starts[over, :-1] = self.region_starts[over, 1:] - drop[:, None]
+        self.n_regions[over] -= 1
+        for b in over:
+            self.log["prunes"][b].append(t)
+
+
 @torch.no_grad()
 def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_episodes: int, seed: int,
                    use_cache: bool = True, temperature: float = 1.0, progress: bool = True, record_logits: bool = False,
@@ -158,25 +226,13 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
                                       use_cache=use_cache, temperature=temperature, progress=progress,
                                       record_logits=record_logits, device=device)
     G, H = cfg["grid_size"], cfg["horizon"]
-    compressed, n_transit, max_regions = cfg["use_compressed_context"], cfg["n_transit"], cfg["max_regions"]
-    fixed_prune = compressed and cfg.get("eval_prune", EVAL_DEFAULTS["eval_prune"]) == "fixed"
-    threshold = cfg.get("eval_close_threshold", EVAL_DEFAULTS["eval_close_threshold"])
+    compressed, n_transit = cfg["use_compressed_context"], cfg["n_transit"]
     B = len(goals) * n_streams
     env = BatchEnv(cfg, [g for g in goals for _ in range(n_streams)])  # goal-major: stream b plays goals[b // n_streams]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ctx = Contexts(model, B, n_transit + SLACK, G, device)
     shift = min(cfg["eval_window_shift"], n_transit)
-    max_region_len = max_region_steps(cfg)  # longest region the model may keep open (then a forced close)
-    # eval_first_region > 0: every stream's first region is closed after that many steps whatever the head says, so the
-    # model must read that length from its context to close the next ones (a rhythm it did not choose)
-    first_region = cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"]) if compressed else 0
-    in_first = np.full(B, first_region > 0)
-    # index of each kept region's <compress> (first n_regions[b] columns; one spare for the region being opened)
-    region_starts = np.zeros((B, max_regions + 1), dtype=np.int64)
-    n_regions = np.ones(B, dtype=np.int64)
-    region_len = np.zeros(B, dtype=np.int64)
-    if compressed:
-        ctx.append(None, COMPRESS_START)
+    regions = RegionPruner(cfg, ctx) if compressed else None  # opens every stream's first region
 
     n_total = n_episodes * H
     pos = env.reset()
@@ -184,17 +240,16 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
     prev_r = np.zeros(B, dtype=np.int64)
     ep_start = np.ones(B, dtype=np.int64)
     rewards = np.zeros((B, n_total), dtype=np.int8)
-    closes = [[] for _ in range(B)]  # steps after which the model emitted </compress>
-    forced = [[] for _ in range(B)]  # steps at which a region reached max_region_len and was closed for it
-    set_closes = [[] for _ in range(B)]  # the step that closed the first region, with eval_first_region
-    prunes = [[] for _ in range(B)]  # steps after which the oldest region was dropped
     logits_log = []
+    kv_max, kv_sum = torch.zeros(B, dtype=torch.long, device=device), torch.zeros(B, dtype=torch.long, device=device)
     for t in tqdm(range(n_total), desc="in-context steps", disable=not progress, mininterval=2):
         if not compressed and int(ctx.length[0]) >= n_transit:  # FIFO: all streams share one length
             ctx.drop_front(ctx.all_rows, shift)
         state_ids = torch.from_numpy(encode_state(pos, G)).to(device)
         prev_ids = torch.from_numpy(encode_prev(prev_a, prev_r, ep_start)).to(device)
         ctx.append(None, STEP, state_ids, prev_ids)
+        torch.maximum(kv_max, ctx.length, out=kv_max)  # KV entries the new step attends over (its context, markers too)
+        kv_sum += ctx.length
         logits_a, logits_t = ctx.logits(use_cache)
         if record_logits:
             logits_log.append(torch.cat([logits_a] + ([logits_t] if logits_t is not None else []), -1).cpu())
@@ -205,40 +260,23 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
         rewards[:, t] = r
         prev_a, prev_r = action, r
         ep_start[:] = done
-
-        if compressed:
-            region_len += 1
-            if fixed_prune:  # the compressed-fixed arm: the grid decides, not the head
-                says_end = region_len >= cfg["compress_interval"]
-            else:
-                says_end = closes_region(logits_t, threshold).cpu().numpy()
-            set_end = in_first & (region_len >= first_region)
-            says_end = says_end & ~in_first
-            closing = np.flatnonzero(says_end | set_end | (region_len >= max_region_len))
-            if len(closing):  # all closing streams at once: </compress>, prune the oldest region if over budget, <compress>
-                for b in closing:
-                    (set_closes if set_end[b] else closes if says_end[b] else forced)[b].append(t)
-                in_first[closing] = False
-                rows = torch.from_numpy(closing).to(device)
-                ctx.append(rows, COMPRESS_END)
-                region_starts[closing, n_regions[closing]] = ctx.length[rows].cpu().numpy()  # where <compress> goes
-                n_regions[closing] += 1
-                over = closing[n_regions[closing] > max_regions]
-                if len(over):
-                    drop = region_starts[over, 1].copy()  # everything before the second kept region
-                    ctx.drop_front(torch.from_numpy(over).to(device), torch.from_numpy(drop).to(device))
-                    region_starts[over, :-1] = region_starts[over, 1:] - drop[:, None]
-                    n_regions[over] -= 1
-                    for b in over:
-                        prunes[b].append(t)
-                ctx.append(rows, COMPRESS_START)
-                region_len[closing] = 0
+        if regions is not None:
+            regions.after_step(t, logits_t)
     returns = rewards.reshape(B, n_episodes, H).sum(-1).astype(np.float64)  # [B, n_episodes]
+    log = regions.log if regions is not None else {k: [[] for _ in range(B)] for k in RegionPruner.LOG_KEYS}
     out = {"returns": returns.reshape(len(goals), n_streams, n_episodes), "rewards": rewards,
-           "closes": closes, "forced_closes": forced, "set_closes": set_closes, "prunes": prunes, "recomputed": ctx.recomputed}
+           **log, "recomputed": ctx.recomputed,
+           "kv_cache": kv_cache_stats(kv_max, kv_sum, n_total, ctx.cap)}
     if record_logits:
         out["logits"] = torch.stack(logits_log)  # (steps, B, A [+3])
     return out
+
+
+def kv_cache_stats(kv_max: torch.Tensor, kv_sum: torch.Tensor, n_steps: int, slots: int) -> dict:
+    """eval_summary.json's "kv_cache" from per-stream (B,) tensors: the most KV entries (tokens held in the context
+    that a step attends over) any stream's step saw, their mean over steps and streams, and the slots allocated."""
+    return {"kv_entries_per_stream_max": int(kv_max.max()), "kv_entries_per_stream_mean": float(kv_sum.sum()) / (
+        n_steps * len(kv_sum)), "kv_slots_per_stream": int(slots)}
 
 
 def boundary_metrics(closes: list[list[int]], n_total: int, interval: int) -> dict:
@@ -321,7 +359,29 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
                             "set_close_steps": [list(map(int, c)) for c in res.get("set_closes", [])]}
     if "summary" in res:  # summary mode: summaries written, kept, and the keys/values per stream (issue 27)
         s["summary"] = res["summary"]
+    if "kv_cache" in res:  # every mode: KV entries per stream, max / mean over the evaluation, and the slots
+        s["kv_cache"] = res["kv_cache"]
     return s
+
+
+def evaluate_config(model, cfg: dict, split_or_goals: str | list[int], *, episodes: int | None = None,
+                    streams: int | None = None, progress: bool = True, device=None) -> tuple[dict, dict]:
+    """The one way to evaluate a model in context: (summary, result), `summarize`'s dict and `run_in_context`'s.
+
+    Every eval_* setting comes from `cfg` (eval_episodes, eval_streams, eval_seed, eval_cache, eval_temperature here;
+    eval_prune, eval_close_threshold, eval_first_region, eval_window_shift inside run_in_context); change them in the
+    config, e.g. with load_run's overrides. `episodes` / `streams` replace eval_episodes / eval_streams (train.py's
+    val_episodes / val_streams). `split_or_goals`: "val", "test", ... or a list of goals. `device`: the model's."""
+    cfg = EVAL_DEFAULTS | cfg
+    if episodes is not None or streams is not None:
+        cfg = cfg | {"eval_episodes": cfg["eval_episodes"] if episodes is None else episodes,
+                     "eval_streams": cfg["eval_streams"] if streams is None else streams}
+    goals = task_split(cfg, split_or_goals) if isinstance(split_or_goals, str) else list(split_or_goals)
+    device = next(model.parameters()).device if device is None else device
+    res = run_in_context(model, cfg, goals, n_streams=cfg["eval_streams"], n_episodes=cfg["eval_episodes"],
+                         seed=cfg["eval_seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"],
+                         progress=progress, device=device)
+    return summarize(res, goals, cfg), res
 
 
 def print_table(s: dict) -> None:
@@ -394,10 +454,9 @@ def main():
         raise UserError(f"{out_dir / 'eval_summary.json'} holds an evaluation of these weights with {clash}; "
                         "pass --force to replace it, or --out-dir for another place")
     start = time.perf_counter()
-    res = run_in_context(model, cfg, goals, n_streams=cfg["eval_streams"], n_episodes=cfg["eval_episodes"],
-                         seed=cfg["eval_seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"], device=device)
+    summary, res = evaluate_config(model, cfg, goals, device=device)
     secs = time.perf_counter() - start
-    s = {**summarize(res, goals, cfg), **planned, "checkpoint_step": model.trained_steps, "seconds": secs}
+    s = {**summary, **planned, "checkpoint_step": model.trained_steps, "seconds": secs}
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / "eval_result.npy", res["returns"].mean(1))
     (out_dir / "eval_summary.json").write_text(json.dumps(s, indent=1))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ from common import (
     ENV_KEYS,
     EVAL_DEFAULTS,
     EVAL_KEYS,
-    ROOT,
     SCHEMA,
     UserError,
     add_print_config,
@@ -52,7 +50,8 @@ from common import (
     print_config,
     run_main,
 )
-from history import check_history, complete_goals, open_history
+from history import history_problem
+from jobs import run_concurrently, run_stage, say
 
 MODES = ("standard", "compressed")
 STAGES = {
@@ -118,39 +117,6 @@ def split_overrides(items: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     return shared, per_mode
 
 
-def say(stage: str, msg: str) -> None:
-    print(f"[{stage}] {msg}", flush=True)
-
-
-def run_stage(stage: str, script: str, args: list[str]) -> None:
-    """Run one repo script with this interpreter; its output (progress bars included) goes straight to the terminal."""
-    cmd = [sys.executable, str(ROOT / script), *args]
-    say(stage, "run: python " + " ".join([script, *args]))
-    start = time.perf_counter()
-    rc = subprocess.run(cmd).returncode
-    if rc != 0:
-        raise UserError(
-            f"stage '{stage}' failed: {script} exited with {rc} (its error is above); fix it and re-run "
-            "this command, finished stages are skipped"
-        )
-    say(stage, f"done in {time.perf_counter() - start:.0f} s")
-
-
-def history_problem(path: Path, goals: list[int], cfg: dict) -> str | None:
-    """None if `path` is a complete history of this config holding `goals`, else what is wrong with it (to collect
-    again); a complete file of another config (say a smoke collection at the default path) is an error."""
-    if not path.exists():
-        return "does not exist"
-    try:
-        f = open_history(path)
-    except UserError as e:
-        return f"is unreadable or of an old format ({str(e).split(';')[0]})"
-    with f:
-        check_history(f, path, cfg)
-        missing = set(goals) - complete_goals(f)
-    return f"is missing {len(missing)} of the {len(goals)} goals asked for" if missing else None
-
-
 def stage_collect(plan: Plan) -> None:
     problem = history_problem(plan.history, plan.goals, plan.collect_cfg)
     if problem is None:
@@ -213,39 +179,6 @@ def train_todo(plan: Plan) -> list[tuple[str, list[str]]]:
             say(stage, f"training {mode} AD from scratch in {run_dir} ({cfg['train_timesteps']} steps)")
         todo.append((mode, ["--config", str(plan.configs[mode]), "--run-dir", str(run_dir), *plan.overrides[mode]]))
     return todo
-
-
-def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int = 2) -> None:
-    """Run repo scripts `max_jobs` at a time (the next starts when one ends), one thread each (`num_threads=1`), each
-    logging to its own file: on a 2-core CPU two single-thread trainings finish sooner than the same two one after the
-    other with 2 threads each (docs/experiments.md E7). A failure stops the others and shows the failed job's log."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    queue, running = list(jobs.items()), {}
-    start = time.perf_counter()
-    try:
-        while queue or running:
-            while queue and len(running) < max_jobs:
-                name, (script, args, log) = queue.pop(0)
-                log.parent.mkdir(parents=True, exist_ok=True)
-                say(name, f"run: python {script} {' '.join(args)} num_threads=1  (log: {log})")
-                proc = subprocess.Popen([sys.executable, str(ROOT / script), *args, "num_threads=1"], env=env,
-                                        stdout=log.open("w"), stderr=subprocess.STDOUT)
-                running[name] = (proc, log)
-            for name, (proc, log) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                del running[name]
-                if rc != 0:
-                    print("\n".join(log.read_text().splitlines()[-15:]), file=sys.stderr)
-                    raise UserError(f"stage '{name}' failed: exited with {rc} (its log {log} ends as above); fix it and "
-                                    "re-run this command, finished stages are skipped")
-                say(name, f"done ({time.perf_counter() - start:.0f} s since the first started)")
-            time.sleep(0.5)
-    finally:
-        for proc, _ in running.values():
-            proc.terminate()
-            proc.wait()
 
 
 def stage_train(plan: Plan) -> None:

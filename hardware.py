@@ -35,13 +35,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _query(namespace, name: str) -> bool:
+    """One of torch's private capability queries; False where this torch version lacks it (never guess native bf16)."""
+    try:
+        return bool(getattr(namespace, name)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def cpu_info() -> dict:
     """The CPU as torch sees it: model, the ATen kernel capability, and whether it runs bf16 natively (with why)."""
     isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     capped = bool(isa_cap) and isa_cap not in _ONEDNN_BF16_ISAS
-    avx512_bf16 = bool(torch.cpu._is_avx512_bf16_supported())
-    amx = bool(torch.cpu._is_amx_tile_supported())
-    mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    avx512_bf16 = _query(torch.cpu, "_is_avx512_bf16_supported")
+    amx = _query(torch.cpu, "_is_amx_tile_supported")
+    mkldnn_bf16 = _query(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
     native = (avx512_bf16 or amx) and mkldnn_bf16 and not capped
     if native:
         why = "AMX tiles" if amx else "AVX512_BF16"

@@ -74,3 +74,18 @@ def stream_n_steps(group: h5py.Group) -> np.ndarray:
 def complete_goals(f: h5py.File) -> set[int]:
     """Goals whose group was written to the end (collect.py sets `complete` last)."""
     return {int(k) for k in f if k.isdigit() and f[k].attrs.get("complete", False)}
+
+
+def history_problem(path: Path, goals: list[int], cfg: dict) -> str | None:
+    """None if `path` is a complete history of this config holding `goals`, else what is wrong with it (to collect
+    again); a complete file of another config (say a smoke collection at the default path) is an error."""
+    if not path.exists():
+        return "does not exist"
+    try:
+        f = open_history(path)
+    except UserError as e:
+        return f"is unreadable or of an old format ({str(e).split(';')[0]})"
+    with f:
+        check_history(f, path, cfg)
+        missing = set(goals) - complete_goals(f)
+    return f"is missing {len(missing)} of the {len(goals)} goals asked for" if missing else None

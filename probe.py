@@ -14,7 +14,7 @@
    n_steps for every task the baseline is perfect too; with several (config/model/ad_dr_adaptive.yaml: 40, 80 and 120
    steps in every goal) only a model that reads the previous region's length can beat it. Recall is also printed per
    (goal, rollout length) and per length.
-3. With `eval_episodes=N` on the command line: `evaluate.run_in_context` on the held-out goals for N episodes, with the
+3. With `eval_episodes=N` on the command line: `evaluate.evaluate_config` on the held-out goals for N episodes, with the
    run's other eval_* settings (nothing is written); without it, no rollout.
 `--histories CONFIG` reads the held-out histories of another collection config of the same env (e.g. a model trained on
 one rollout length per goal, probed on histories with every length in every goal); the position-only rule keeps the
@@ -45,7 +45,7 @@ from common import (
 )
 from dataset import HistoryDataset
 from env import task_split
-from evaluate import load_run, run_in_context, summarize
+from evaluate import evaluate_config, load_run
 from model.ad import IGNORE
 
 
@@ -262,10 +262,7 @@ def main():
     if "eval_episodes" in parse_overrides(overrides):
         goals = task_split(cfg, args.split)
         start = time.perf_counter()
-        res = run_in_context(model, cfg, goals, n_streams=cfg["eval_streams"], n_episodes=cfg["eval_episodes"],
-                             seed=cfg["eval_seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"],
-                             device=device)
-        s = summarize(res, goals, cfg)
+        s, res = evaluate_config(model, cfg, goals, device=device)
         R = res["returns"]  # [goal, stream, episode]
         k = min(100, cfg["eval_episodes"])
         norm = R[..., -k:].mean((1, 2)) / np.array([g["optimum"] for g in s["per_goal"]])

@@ -21,6 +21,13 @@ Optional arms (`--arms`; not in the default study, so its cost is unchanged):
 - ppo: the source PPO's own learning, per stream, from the history file's rewards (each update pools a goal's n_stream
   streams); not trained or evaluated, no temperature.
 - compressed-adaptive: compressed AD on Darkroom histories whose rollout length differs by stream (its own file).
+- compressed-summary: compressed AD with summary tokens (issue 27, summary.py): max_regions raw regions plus the summaries
+  of older ones, the env's config/model/ad_{dr,kd,dp}_summary.yaml, evaluated with the model's `</compress>`;
+- the compression-quality sweep: standard-<w> (w = 80 k: a FIFO window of k rollouts, e.g. standard-80, standard-320) and
+  compressed-r<m> (compressed AD trained and evaluated with max_regions=m, n_transit sized for it; the m of the env's
+  compressed config is the compressed arm itself and is refused).
+Every arm's KV-cache size per stream (the tokens a step attends over, max and mean over the evaluation) is a column of
+the report, and quality.png plots the return against it, one point per arm (`quality_points`).
 
 Stages (each skipped where its output exists and matches; interrupt and re-run the same command to resume):
 1. collect the PPO histories (collect.py) unless the history file is complete for this config;
@@ -30,13 +37,12 @@ Stages (each skipped where its output exists and matches; interrupt and re-run t
    (study_stats.choose_temperature): among the temperatures whose fraction of runs that never reach 90 % of the optimum
    is within `--tune-never-slack` of the grid's lowest, the best mean normalised return over the last fifth;
 4. test: each (arm, seed) on the TEST goals with every evaluation seed at its chosen temperature;
-5. report: RUNS_ROOT/report.md, report.json, learning_curves.png, aggregates.png (study_stats.py, rliable).
+5. report: RUNS_ROOT/report.md, report.json, learning_curves.png, aggregates.png, quality.png (study_stats.py, rliable).
 Overrides `key=value` go to every training (and fix the evaluation keys, e.g. eval_episodes=200).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -48,12 +54,30 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import CONFIG_DIR, ENV_CONFIGS, ENV_KEYS, EVAL_KEYS, UserError, env_configs, load_config, parse_overrides, run_main
+from common import (
+    CONFIG_DIR,
+    ENV_CONFIGS,
+    ENV_KEYS,
+    EVAL_KEYS,
+    UserError,
+    env_configs,
+    load_config,
+    make_parser,
+    parse_cli,
+    parse_overrides,
+    print_config,
+    run_main,
+)
+from plots import pyplot
 
 ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
-OPTIONAL_ARMS = ("compressed-adaptive", "dpt", "searcher", "ppo")  # and compressed-stride<s>
+OPTIONAL_ARMS = ("compressed-adaptive", "dpt", "searcher", "ppo", "compressed-summary")  # and the patterns below
 REFERENCE_ARMS = ("searcher", "ppo")  # reference learners: no checkpoint, no temperature
 STRIDE_ARM = re.compile(r"compressed-stride([0-9]+)")  # compressed AD trained with region_stride=s
+REGIONS_ARM = re.compile(r"compressed-r([0-9]+)")  # compressed AD with max_regions=m (the compression-quality sweep)
+WINDOW_ARM = re.compile(r"standard-([0-9]+)")  # standard AD, a FIFO window of w / 80 rollouts (Darkroom's sizes)
+ARM_PATTERNS = ("compressed-stride<s> (s >= 2; compressed is stride 1), compressed-r<m> (m >= 1 regions), "
+                "standard-<w> (w = 80 k: a window of k >= 1 rollouts)")
 TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive, extra overrides from its n_steps);
     # compressed-fixed reuses compressed
     "standard-240": ("standard", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}"]),
@@ -61,17 +85,23 @@ TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive,
     "compressed": ("compressed", lambda n: []),
     "compressed-adaptive": ("adaptive", lambda n: []),
     "dpt": ("standard", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}", "target=oracle"]),
+    "compressed-summary": ("summary", lambda n: []),
 }
 CHECKPOINT_OF = {"standard-240": "standard-240", "standard-160": "standard-160", "compressed": "compressed",
-                 "compressed-fixed": "compressed", "compressed-adaptive": "compressed-adaptive", "dpt": "dpt"}
-EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model"}
+                 "compressed-fixed": "compressed", "compressed-adaptive": "compressed-adaptive", "dpt": "dpt",
+                 "compressed-summary": "compressed-summary"}
+EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model",
+              "compressed-summary": "model"}
 ADAPTIVE = {"collect": CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive_streams.yaml",
             "model": CONFIG_DIR / "model" / "ad_dr_adaptive.yaml"}
+SUMMARY_NUMBERS = ("n_summary", "max_summaries", "n_summaries_written", "summary_tokens_written", "kept_summaries_max")
 TUNE_EVAL_SEED = 1000  # validation rollouts use their own sampling seed, never one of the test evaluation seeds
 COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": "tab:green", "compressed-fixed": "tab:olive",
           "compressed-adaptive": "tab:purple", "PPO (source)": "tab:gray", "dpt": "tab:red", "searcher": "tab:brown",
-          "ppo": "tab:gray"}
+          "ppo": "tab:gray", "compressed-summary": "tab:orange"}
 STRIDE_COLORS = ("tab:pink", "darkgreen", "lime", "teal")
+REGIONS_COLORS = ("darkseagreen", "yellowgreen", "forestgreen", "darkolivegreen", "seagreen")  # by m
+WINDOW_COLORS = ("steelblue", "lightsteelblue", "navy", "slateblue", "royalblue")  # by k
 
 
 def stride_of(arm: str) -> int | None:
@@ -80,40 +110,82 @@ def stride_of(arm: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def regions_of(arm: str) -> int | None:
+    """m >= 1 of an arm compressed-r<m>, else None."""
+    m = REGIONS_ARM.fullmatch(arm)
+    return (int(m.group(1)) or None) if m else None
+
+
+def rollouts_of(arm: str) -> int | None:
+    """k >= 1 of a standard arm standard-<80 k> (a window of k rollouts; 240 -> 3), else None."""
+    m = WINDOW_ARM.fullmatch(arm)
+    w = int(m.group(1)) if m else 0
+    return w // 80 if w > 0 and w % 80 == 0 else None
+
+
+def compressed_context(n: int, m: int) -> int:
+    """n_transit of compressed AD with m regions of n steps: C r E ... C r = m (n + 2) - 1 positions plus 5 of slack for a
+    late </compress>, as the env's compressed configs (168 = 2 x 82 + 4 on Darkroom, 160 = 3 x 52 + 4 on Key-to-Door)."""
+    return m * (n + 2) + 4
+
+
 def is_trained(arm: str) -> bool:
     return arm not in REFERENCE_ARMS
 
 
 def checkpoint_of(arm: str) -> str:
-    """The trained arm whose checkpoint an arm evaluates (compressed-fixed: compressed's; a stride arm: its own)."""
-    return arm if stride_of(arm) else CHECKPOINT_OF[arm]
+    """The trained arm whose checkpoint an arm evaluates (compressed-fixed: compressed's; a pattern arm: its own)."""
+    return arm if stride_of(arm) or regions_of(arm) or rollouts_of(arm) else CHECKPOINT_OF[arm]
 
 
 def trained_spec(arm: str):
-    """(the env's model config: standard, compressed or adaptive, extra overrides from its n_steps) of a trained arm."""
-    s = stride_of(arm)
-    return ("compressed", lambda n: [f"region_stride={s}"]) if s else TRAINED[arm]
+    """(the env's model config: standard, compressed, adaptive or summary, extra overrides from its n_steps) of a
+    trained arm."""
+    s, m, k = stride_of(arm), regions_of(arm), rollouts_of(arm)
+    if s:
+        return "compressed", lambda n: [f"region_stride={s}"]
+    if m:
+        return "compressed", lambda n: [f"max_regions={m}", f"n_transit={compressed_context(n, m)}"]
+    if k and arm not in TRAINED:
+        return "standard", lambda n: [f"n_transit={k * n}", f"eval_window_shift={n}"]
+    return TRAINED[arm]
 
 
 def eval_prune_of(arm: str) -> str | None:
     """eval_prune of a compressed arm, None for a standard one."""
-    return "model" if stride_of(arm) else EVAL_PRUNE.get(arm)
+    return "model" if stride_of(arm) or regions_of(arm) else EVAL_PRUNE.get(arm)
 
 
 def color_of(arm: str) -> str:
-    s = stride_of(arm)
-    return STRIDE_COLORS[s % len(STRIDE_COLORS)] if s else COLORS[arm]
+    s, m, k = stride_of(arm), regions_of(arm), rollouts_of(arm)
+    if s:
+        return STRIDE_COLORS[s % len(STRIDE_COLORS)]
+    if m:
+        return REGIONS_COLORS[m % len(REGIONS_COLORS)]
+    return COLORS.get(arm) or WINDOW_COLORS[(k or 0) % len(WINDOW_COLORS)]
 
 
 def parse_arms(text: str) -> list[str]:
-    """--arms: a comma-separated list of the default and optional arms, or compressed-stride<s> with s >= 2."""
+    """--arms: a comma-separated list of the default and optional arms, or of the patterns (ARM_PATTERNS)."""
     allowed = ARMS + OPTIONAL_ARMS
     items = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in items if x not in allowed and not (stride_of(x) or 0) >= 2]
+    bad = [x for x in items if x not in allowed and not (stride_of(x) or 0) >= 2 and not regions_of(x)
+           and not rollouts_of(x)]
     if bad or not items:
-        raise UserError(f"--arms: {bad[0] if bad else 'nothing'} is not one of {', '.join(allowed)}, "
-                        "compressed-stride<s> (s >= 2; compressed is stride 1)")
+        raise UserError(f"--arms: {bad[0] if bad else 'nothing'} is not one of {', '.join(allowed)}, {ARM_PATTERNS}")
     return list(dict.fromkeys(items))
+
+
+def check_arms(env: str, arms: list[str], overrides: list[str]) -> None:
+    """Refuse, in one line and before anything runs, an arm that does not fit `env`: compressed-r<m> with the m of the
+    env's compressed config (that is the compressed arm), an arm without a config for this env."""
+    config = env_configs(env)["compressed"]
+    regions = load_config(config, overrides)["max_regions"]
+    for a in arms:
+        if regions_of(a) == regions:
+            raise UserError(f"--arms: {a} is the compressed arm on {env} (max_regions={regions} in {config.name}); "
+                            "use compressed")
+        arm_configs(env, a)  # compressed-summary / compressed-adaptive without a config for this env
 
 
 def say(msg: str) -> None:
@@ -128,6 +200,13 @@ def arm_configs(env: str, arm: str) -> tuple[Path, Path]:
         if env != "darkroom":
             raise UserError(f"arm {arm} exists for darkroom only (config/model/ad_dr_adaptive.yaml); drop it from --arms")
         return ADAPTIVE["collect"], ADAPTIVE["model"]
+    if mode == "summary":  # the compressed config's sibling: ad_dr_compressed.yaml -> ad_dr_summary.yaml
+        compressed = env_configs(env)["compressed"]
+        config = compressed.with_name(compressed.name.replace("_compressed", "_summary"))
+        if not config.is_file():
+            raise UserError(f"arm {arm} has no config for {env} (config/model/{config.name} does not exist); drop it "
+                            "from --arms")
+        return env_configs(env)["collect"], config
     return env_configs(env)["collect"], env_configs(env)[mode]
 
 
@@ -136,7 +215,8 @@ def stage_collect(overrides: list[str], env: str, arms: list[str]) -> None:
     validation and test tasks (training uses whichever training tasks it holds; a file of another config is refused)."""
     from common import history_path
     from env import selected_tasks, task_split
-    from example_compressed_training import history_problem, run_stage
+    from history import history_problem
+    from jobs import run_stage
 
     for config in sorted({arm_configs(env, a)[0] for a in arms if a != "searcher"}):  # the searcher needs no history
         keys = set(load_config(config)) | set(ENV_KEYS)
@@ -182,7 +262,7 @@ def finished(run_dir: Path, steps: int, cfg: dict | None = None) -> bool:
 
 def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[str], jobs: int, env: str) -> int:
     """Train every (arm, seed) not finished yet; returns how many were trained."""
-    from example_compressed_training import run_concurrently, run_stage
+    from jobs import run_concurrently, run_stage
 
     todo = []
     for seed in seeds:
@@ -201,8 +281,10 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
             run_stage(name, "train.py", args)
         return len(todo)
     # the longest first (standard-240 of every seed), so that the two cores stay busy to the end
-    cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3, "dpt": 3}
-    todo.sort(key=lambda job: -cost.get(job[0].split()[1], 2))  # stride arms: compressed's cost
+    cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3, "dpt": 3,
+            "compressed-summary": 3}
+    todo.sort(key=lambda job: -cost.get(job[0].split()[1], rollouts_of(job[0].split()[1]) or regions_of(
+        job[0].split()[1]) or 2))  # stride arms: compressed's cost; windows / regions: their number of rollouts
     run_concurrently({name: ("train.py", args, log) for name, args, log in todo}, max_jobs=jobs)
     return len(todo)
 
@@ -219,19 +301,21 @@ def _evaluate(spec: dict) -> dict:
     model, cfg = evaluate.load_run(Path(spec["run_dir"]), spec["overrides"], "cpu")
     goals = task_split(cfg, spec["split"])
     start = time.perf_counter()
-    res = evaluate.run_in_context(model, cfg, goals, n_streams=cfg["eval_streams"], n_episodes=cfg["eval_episodes"],
-                                  seed=cfg["eval_seed"], use_cache=cfg["eval_cache"], temperature=cfg["eval_temperature"],
-                                  progress=False)
-    s = evaluate.summarize(res, goals, cfg)
-    comp = s.get("compression", {})
+    s, res = evaluate.evaluate_config(model, cfg, goals, progress=False, device="cpu")
+    comp, kv, summ = s.get("compression", {}), s.get("kv_cache", {}), s.get("summary")
 
-    def number(key: str) -> float:  # None (no n_steps grid to score against: per-task rollout lengths) -> NaN, so the
-        value = comp.get(key)       # .npz holds plain floats and loads without pickle
+    def number(key: str, d: dict = comp) -> float:  # None (no n_steps grid to score against: per-task rollout lengths)
+        value = d.get(key)                          # -> NaN, so the .npz holds plain floats and loads without pickle
         return np.nan if value is None else float(value)
 
-    return {"returns": res["returns"].astype(np.int16), "goals": np.array(goals), "seconds": time.perf_counter() - start,
-            "n_forced_closes": comp.get("n_forced_closes", 0), "n_closes": comp.get("n_closes", 0),
-            "precision_compress_end": number("precision_compress_end"), "recall_compress_end": number("recall_compress_end")}
+    out = {"returns": res["returns"].astype(np.int16), "goals": np.array(goals), "seconds": time.perf_counter() - start,
+           "n_forced_closes": comp.get("n_forced_closes", 0), "n_closes": comp.get("n_closes", 0),
+           "precision_compress_end": number("precision_compress_end"), "recall_compress_end": number("recall_compress_end"),
+           "kv_entries_max": number("kv_entries_per_stream_max", kv),
+           "kv_entries_mean": number("kv_entries_per_stream_mean", kv)}
+    if summ is not None:  # summary arms: summaries written and kept (issue 27)
+        out |= {f"summary_{k}": summ[k] for k in SUMMARY_NUMBERS} | {"summary_mode": summ["summary_mode"]}
+    return out
 
 
 def eval_path(root: Path, arm: str, seed: int, split: str, temperature: float, eval_seed: int, episodes: int) -> Path:
@@ -274,7 +358,9 @@ def eval_spec(root: Path, arm: str, seed: int, split: str, temperature: float, e
 def load_returns(root: Path, arm: str, seeds: list[int], split: str, temperature: float, eval_seeds: list[int],
                  episodes: int) -> tuple[np.ndarray, dict]:
     """[n_seeds, n_goals, n_eval_seeds x n_streams, n_episodes] returns of one arm, plus the evaluations' side numbers."""
-    per_seed, side = [], {"n_forced_closes": 0, "n_closes": 0, "precision": [], "recall": [], "seconds": []}
+    per_seed, side = [], {"n_forced_closes": 0, "n_closes": 0, "precision": [], "recall": [], "seconds": [],
+                          "kv_max": [], "kv_mean": []}
+    summaries = []
     for seed in seeds:
         parts = []
         for e in eval_seeds:
@@ -286,7 +372,22 @@ def load_returns(root: Path, arm: str, seeds: list[int], split: str, temperature
             side["recall"].append(float(z["recall_compress_end"]))
             side["seconds"].append(float(z["seconds"]))
             side["goals"] = z["goals"].tolist()
+            # KV entries per stream: NaN for an evaluation saved before they were recorded
+            side["kv_max"].append(float(z["kv_entries_max"]) if "kv_entries_max" in z else np.nan)
+            side["kv_mean"].append(float(z["kv_entries_mean"]) if "kv_entries_mean" in z else np.nan)
+            if "summary_n_summaries_written" in z:
+                summaries.append(({k: int(z[f"summary_{k}"]) for k in SUMMARY_NUMBERS}, str(z["summary_mode"]),
+                                  int(np.prod(z["returns"].shape[:2]))))
         per_seed.append(np.concatenate(parts, axis=1))
+    if summaries:  # over every evaluation: the totals, and the most summaries a stream's context kept
+        n_streams = sum(s[2] for s in summaries)
+        written = sum(s[0]["n_summaries_written"] for s in summaries)
+        side["summary"] = {"summary_mode": summaries[0][1], "n_summary": summaries[0][0]["n_summary"],
+                           "max_summaries": summaries[0][0]["max_summaries"], "n_evaluations": len(summaries),
+                           "n_summaries_written": written,
+                           "summary_tokens_written": sum(s[0]["summary_tokens_written"] for s in summaries),
+                           "summaries_written_per_stream": written / n_streams,
+                           "kept_summaries_max": max(s[0]["kept_summaries_max"] for s in summaries)}
     return np.stack(per_seed), side
 
 
@@ -393,15 +494,50 @@ def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
     pairs = [("compressed", "standard-240"), ("compressed", "standard-160"), ("compressed", "compressed-fixed"),
              ("standard-160", "standard-240"), ("compressed-adaptive", "compressed"), ("dpt", "standard-240")]
     pairs += [(a, "compressed") for a in arms if stride_of(a)]
+    # summaries against pruning: at the compressed arm's budget, and at the same raw regions without summaries (the
+    # summary configs keep 2 raw regions; compressed keeps 3 on Key-to-Door and Darkroom-permuted)
+    pairs += [("compressed-summary", "compressed"), ("compressed-summary", "compressed-r2")]
     return [(a, b) for a, b in pairs if a in arms and b in arms]
 
 
-def compute_statistics(returns: dict[str, np.ndarray], opt: np.ndarray, ppo: np.ndarray, reps: int) -> dict:
-    """Everything the report says, from the arms' returns, the goals' optima and the source PPO's returns
-    [1, n_goals, n_stream, n_ppo_episodes] (the speed-up reference, whether or not `ppo` is an arm). Pure: no I/O."""
+def arm_kv(side: dict[str, dict]) -> dict[str, dict]:
+    """Per arm with recorded KV sizes: {"max": the most KV entries a stream's step attended over in any of its
+    evaluations, "mean": their mean over steps and streams}; arms without (reference learners, evaluations saved
+    before the sizes were recorded) are left out. Pure."""
+    out = {}
+    for a, sd in side.items():
+        mx, mean = np.asarray(sd.get("kv_max", []), float), np.asarray(sd.get("kv_mean", []), float)
+        if len(mx) and np.isfinite(mx).all() and np.isfinite(mean).all():
+            out[a] = {"max": float(mx.max()), "mean": float(mean.mean())}  # equal-sized evaluations: mean of means
+    return out
+
+
+def quality_points(summary: dict[str, dict], kv: dict[str, dict], window: str = "all") -> dict:
+    """The compression-quality plot's points, one per arm with a KV size: x = KV entries per stream (max over the
+    evaluation, `arm_kv`), y = the mean normalised return over `window` ("all" or "last": `study_stats.arm_summary`'s
+    columns) with its 95 % CI, and y / x (return per KV entry), sorted by x. `pareto`: no other arm holds at most as
+    many entries and scores at least as high (strictly better in one); `best_per_entry`: the arm of the most return per
+    KV entry; `missing`: arms without a KV size. Pure."""
+    points = [{"arm": a, "kv_entries": kv[a]["max"], "kv_entries_mean": kv[a]["mean"], "mean": s[window]["mean"],
+               "ci": list(s[window]["ci"]), "return_per_kv_entry": s[window]["mean"] / kv[a]["max"]}
+              for a, s in summary.items() if a in kv and kv[a]["max"] > 0]
+    points.sort(key=lambda p: (p["kv_entries"], -p["mean"]))
+    for p in points:
+        p["pareto"] = not any(q["kv_entries"] <= p["kv_entries"] and q["mean"] >= p["mean"]
+                              and (q["kv_entries"] < p["kv_entries"] or q["mean"] > p["mean"]) for q in points)
+    best = max(points, key=lambda p: p["return_per_kv_entry"])["arm"] if points else None  # max: first of ties
+    return {"window": window, "points": points, "best_per_entry": best,
+            "missing": [a for a in summary if a not in {p["arm"] for p in points}]}
+
+
+def compute_statistics(returns: dict[str, np.ndarray], opt: np.ndarray, ppo: np.ndarray, reps: int,
+                       kv: dict[str, dict] | None = None) -> dict:
+    """Everything the report says, from the arms' returns, the goals' optima, the source PPO's returns
+    [1, n_goals, n_stream, n_ppo_episodes] (the speed-up reference, whether or not `ppo` is an arm) and the arms' KV
+    sizes (`arm_kv`; the compression-quality points). Pure: no I/O."""
     import study_stats as st
 
-    arms = list(returns)
+    arms, kv = list(returns), kv or {}
     summary = {a: st.arm_summary(R, opt, reps=reps) for a, R in returns.items()}
     ppo_to90 = summary["ppo"]["to_threshold"] if "ppo" in summary else st.episodes_to_threshold(ppo, opt, reps=reps)
     pairs = comparison_pairs(arms)
@@ -422,28 +558,63 @@ def compute_statistics(returns: dict[str, np.ndarray], opt: np.ndarray, ppo: np.
         "per_goal": {a: (R.mean(axis=(0, 2, 3)) / opt).tolist() for a, R in returns.items()},
         "ppo_normalised_curve": (ppo[0].mean(1) / opt[:, None]).mean(0).tolist(),
         "ppo_streams": int(ppo.shape[2]),
+        "kv": {a: kv[a] for a in arms if a in kv},
+        "quality": {w: quality_points(summary, kv, w) for w in ("all", "last")},
     }
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def fmt_ci(x: float, ci: list[float], f: str = "{:.3f}") -> str:
     return f"{f.format(x)} [{f.format(ci[0])}, {f.format(ci[1])}]"
 
 
-def arm_windows(cfg: dict, arms: list[str], regions: int = 2) -> str:
-    """The arms' context sizes in this env's steps (the arm names are Darkroom's: 240 = 3 x 80, 160 = 2 x 80)."""
+def fmt_kv(kv: dict | None) -> str:
+    """An arm's KV entries per stream, "max / mean" ("-" without: a reference learner, an evaluation saved before)."""
+    return f"{kv['max']:.0f} / {kv['mean']:.1f}" if kv else "-"
+
+
+def quality_lines(stats: dict, side: dict) -> list[str]:
+    """report.md's compression-quality section: the plot's points (`quality_points`), the arm of the most return per
+    KV entry, and the summary arms' summaries."""
+    q, q_last = stats["quality"]["all"], stats["quality"]["last"]
+    last = {p["arm"]: p for p in q_last["points"]}
+    L = ["## Compression quality", "",
+         "Return against context size: KV entries per stream = the keys/values a step attends over (the raw context, "
+         "markers included, plus the summary tokens kept for pruned regions), max over the evaluation; one point per arm "
+         "in quality.png. Pareto: no arm with at most as many entries scores at least as high (all episodes).", "",
+         "| arm | KV entries / stream, max (mean) | mean, all episodes | mean, last | all-episode mean per 100 KV entries "
+         "| Pareto |", "|---|---:|---|---|---:|---|"]
+    for p in q["points"]:
+        lp = last[p["arm"]]
+        L.append(f"| {p['arm']} | {p['kv_entries']:.0f} ({p['kv_entries_mean']:.1f}) | {fmt_ci(p['mean'], p['ci'])} "
+                 f"| {fmt_ci(lp['mean'], lp['ci'])} | {100 * p['return_per_kv_entry']:.3f} | {'yes' if p['pareto'] else ''} |")
+    if q["best_per_entry"]:
+        L += ["", f"Most return per KV entry: {q['best_per_entry']} over all episodes, {q_last['best_per_entry']} over the "
+              "last episodes; Pareto front (all episodes): " + ", ".join(p["arm"] for p in q["points"] if p["pareto"]) + "."]
+    if q["missing"]:
+        L += ["", "No KV size (not in the plot): " + ", ".join(q["missing"]) + " (reference learners, or evaluations saved "
+              "before KV sizes were recorded: delete their evals/*.npz to record them)."]
+    for a in stats["arms"]:
+        s = side.get(a, {}).get("summary")
+        if s:
+            L += ["", f"Summaries ({a}, {s['summary_mode']}, {s['n_summary']} tokens each, those of up to "
+                  f"{s['max_summaries']} pruned regions kept): {s['n_summaries_written']} written over "
+                  f"{s['n_evaluations']} evaluations ({s['summaries_written_per_stream']:.1f} per stream, "
+                  f"{s['summary_tokens_written']} tokens); a context kept at most {s['kept_summaries_max']} pruned "
+                  "regions' summaries."]
+    return [*L, "", "![compression quality](quality.png)"]
+
+
+def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | None = None) -> str:
+    """The arms' context sizes in this env's steps (the arm names are Darkroom's: 240 = 3 x 80, 160 = 2 x 80);
+    `summary`: the summary arm's settings (load_returns' side["summary"]), where it has them."""
     n = cfg["n_steps"]
 
     def window(k: int) -> str:
-        return f"a window of {k} rollouts" + (f" = {k * n} steps" if isinstance(n, int) else "")
+        return f"a window of {k} rollout{'s' if k != 1 else ''}" + (f" = {k * n} steps" if isinstance(n, int) else "")
+
+    s = summary or {}
+    kept = (f"{s['n_summary']} summary tokens per closed region, the summaries of the last {s['max_summaries']} pruned "
+            f"regions kept ({s['summary_mode']})" if s else "the summaries of older regions")
 
     size = {"standard-240": window(3), "standard-160": window(2),
             "compressed": f"the last {regions} regions (rollouts), closed by its </compress> head",
@@ -457,6 +628,11 @@ def arm_windows(cfg: dict, arms: list[str], regions: int = 2) -> str:
                    "streams)"}
     size |= {a: f"compressed trained on regions {stride_of(a)} PPO updates apart (region_stride={stride_of(a)})"
              for a in arms if stride_of(a)}
+    size |= {a: f"compressed trained and evaluated with the last {regions_of(a)} region{'s' if regions_of(a) != 1 else ''} "
+                f"(max_regions={regions_of(a)}), closed by its </compress> head" for a in arms if regions_of(a)}
+    size |= {a: window(rollouts_of(a)) for a in arms if rollouts_of(a) and a not in size}
+    size["compressed-summary"] = (f"compressed with summary tokens (config/model/ad_*_summary.yaml): max_regions raw "
+                                  f"regions plus {kept}, closed by its </compress> head")
     return f"Arms ({cfg.get('env', 'darkroom')}, PPO rollouts of {n} steps): " + "; ".join(f"{a}: {size[a]}" for a in arms) + "."
 
 
@@ -480,7 +656,9 @@ def render_markdown(stats: dict, meta: dict) -> str:
          f"arm's is). The source PPO learns each goal with one learner whose every update pools its {n_ppo} streams, so per "
          f"stream it learns from {n_ppo}x the data one AD stream sees in context.", "", meta["windows"], "",
          "| arm | T (val) | runs | first 10 | first 50 | all episodes | last | episodes to 90 % (median) | speed-up over "
-         "PPO | first reward (median / p90 / max) |", "|---|---:|---:|---|---|---|---|---|---|---|"]
+         "PPO | first reward (median / p90 / max) | KV entries / stream (max / mean) |",
+         "|---|---:|---:|---|---|---|---|---|---|---|---:|"]
+    kv = stats.get("kv", {})
     for a in arms:
         s, e90, sp, fr = summary[a], summary[a]["to_threshold"], stats["speedup"][a], stats["first_reward"][a]
         t = f"{temps[a]:g}" if temps.get(a) is not None else "-"
@@ -490,7 +668,8 @@ def render_markdown(stats: dict, meta: dict) -> str:
                  f"| last {s['last_episodes']}: {fmt_ci(s['last']['mean'], s['last']['ci'])} "
                  f"| {fmt_ci(e90['median'], e90['median_ci'], '{:.0f}')} of {e90['n_episodes']} (never: {e90['never_frac']:.1%}) "
                  f"| {bound}{fmt_ci(sp['ratio'], sp['ci'], '{:.2f}')}x "
-                 f"| {fr['median']:.0f} / {fr['p90']:.0f} / {fr['max']:.0f} |")
+                 f"| {fr['median']:.0f} / {fr['p90']:.0f} / {fr['max']:.0f} "
+                 f"| {fmt_kv(kv.get(a))} |")
     ppo_e90 = stats["ppo_to_90"]
     L += ["", f"Source PPO (the speed-up reference): episodes to 90 % {ppo_e90['median']:.0f} of its {ppo_e90['n_episodes']} "
           f"(never: {ppo_e90['never_frac']:.1%}).", "", "Robust aggregates (IQM):", "",
@@ -498,6 +677,8 @@ def render_markdown(stats: dict, meta: dict) -> str:
     for a in arms:
         s = summary[a]
         L.append(f"| {a} | {fmt_ci(s['all']['iqm'], s['all']['iqm_ci'])} | {fmt_ci(s['last']['iqm'], s['last']['iqm_ci'])} |")
+    if "quality" in stats:
+        L += ["", *quality_lines(stats, side)]
     L += ["", "## Comparisons", "", "| comparison | P(improvement) [95 % CI] | mean normalised difference [95 % CI] | reading |",
           "|---|---|---|---|"]
     for key in poi:
@@ -585,6 +766,33 @@ def plot_aggregates(stats: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_quality(stats: dict, path: Path) -> None:
+    """The compression-quality plot: the mean normalised return (all episodes; last episodes) against the KV entries
+    per stream, one point per arm with its 95 % CI (`quality_points`), the Pareto front dashed."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for ax, (name, q) in zip(axes, (("all episodes", stats["quality"]["all"]), ("last episodes", stats["quality"]["last"])),
+                             strict=True):
+        for p in q["points"]:
+            err = np.clip([[p["mean"] - p["ci"][0]], [p["ci"][1] - p["mean"]]], 0, None)
+            ax.errorbar(p["kv_entries"], p["mean"], yerr=err, fmt="o", color=color_of(p["arm"]), capsize=3)
+            ax.annotate(p["arm"], (p["kv_entries"], p["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = [p for p in q["points"] if p["pareto"]]
+        if len(front) > 1:
+            ax.plot([p["kv_entries"] for p in front], [p["mean"] for p in front], "k--", linewidth=0.8, alpha=0.6,
+                    label="Pareto front")
+            ax.legend(fontsize=8, loc="lower right")
+        if not q["points"]:
+            ax.text(0.5, 0.5, "no arm has recorded KV sizes", transform=ax.transAxes, ha="center")
+        ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
+        ax.set(xlabel="KV entries per stream (max over the evaluation)", ylabel="return / optimum (mean, 95 % CI)",
+               title=f"Compression quality, {name}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report_json(stats: dict, meta: dict) -> dict:
     """report.json: the statistics without the per-run values, and the study's settings."""
     def strip(d: dict) -> dict:
@@ -605,23 +813,29 @@ def report_json(stats: dict, meta: dict) -> dict:
             "training": meta["train"], "ppo_normalised_curve": stats["ppo_normalised_curve"],
             "ppo_streams": stats["ppo_streams"],
             "compression": {a: {k: side[a][k] for k in ("n_closes", "n_forced_closes")}
-                            for a in stats["arms"] if eval_prune_of(a)}}
+                            for a in stats["arms"] if eval_prune_of(a)},
+            # KV entries per stream ({"max", "mean"}; arm_kv), the compression-quality points, the summary arms' summaries
+            "kv_cache": stats.get("kv", {}), "quality": stats.get("quality"),
+            "summary": {a: side[a]["summary"] for a in stats["arms"] if "summary" in side.get(a, {})}}
 
 
 def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int],
                  temps: dict[str, float], episodes: int, reps: int, regions: int = 2) -> dict:
-    """Load every arm's test returns, compute the statistics, and write report.md, report.json and the two plots."""
+    """Load every arm's test returns, compute the statistics, and write report.md, report.json and the three plots."""
     from env import task_family, task_split
 
     goals = task_split(cfg, "test")
     opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in goals], dtype=np.float64)
     returns, side = arm_returns(root, cfg, arms, seeds, eval_seeds, temps, episodes)
-    stats = compute_statistics(returns, opt, returns["ppo"] if "ppo" in returns else ppo_returns(cfg, goals), reps)
+    stats = compute_statistics(returns, opt, returns["ppo"] if "ppo" in returns else ppo_returns(cfg, goals), reps,
+                               kv=arm_kv(side))
+    summary = side.get("compressed-summary", {}).get("summary")
     meta = {"goals": goals, "opt": opt, "seeds": seeds, "eval_seeds": eval_seeds, "temps": temps, "episodes": episodes,
-            "reps": reps, "windows": arm_windows(cfg, arms, regions), "train": training_costs(root, arms, seeds),
+            "reps": reps, "windows": arm_windows(cfg, arms, regions, summary), "train": training_costs(root, arms, seeds),
             "side": side}
     plot_learning_curves(stats, temps, len(goals), len(seeds), out / "learning_curves.png")
     plot_aggregates(stats, out / "aggregates.png")
+    plot_quality(stats, out / "quality.png")
     report = report_json(stats, meta)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(render_markdown(stats, meta))
@@ -640,14 +854,14 @@ def parse_list(text: str, kind, flag: str, allowed=None) -> list:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--env", choices=list(ENV_CONFIGS), default="darkroom",
                         help="the env whose collection and model configs to use (default: darkroom)")
     parser.add_argument("--runs-root", default=None,
                         help="where runs/, evals/ and the report go (default: runs/study, runs/study-<env> for other envs)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds (default: 0,1,2)")
     parser.add_argument("--arms", default=",".join(ARMS),
-                        help=f"arms (default: {','.join(ARMS)}; also: {','.join(OPTIONAL_ARMS)}, compressed-stride<s>)")
+                        help=f"arms (default: {','.join(ARMS)}; also: {','.join(OPTIONAL_ARMS)}, {ARM_PATTERNS})")
     parser.add_argument("--report-dir", default=None,
                         help="where the report goes (default: --runs-root); e.g. a second report over other arms")
     parser.add_argument("--eval-seeds", default="0,1,2,3", help="evaluation seeds on the test goals (default: 0,1,2,3)")
@@ -660,7 +874,10 @@ def main():
                         help="trainings / evaluations at once, one thread each (default: min(2, cores))")
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap replicates (default: 2000)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training and evaluation")
-    args = parser.parse_args()
+    parser.add_argument("--print-config", action="store_true",
+                        help="print each trained arm's resolved config (seed 0; include: files merged, overrides applied) as "
+                             "YAML and exit")
+    args = parse_cli(parser)
     seeds = parse_list(args.seeds, int, "--seeds")
     arms = parse_arms(args.arms)
     eval_seeds = parse_list(args.eval_seeds, int, "--eval-seeds")
@@ -678,6 +895,10 @@ def main():
     eval_overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() in eval_keys - {"traj_dir"}]
     configs = env_configs(args.env)
     episodes = int(given.get("eval_episodes", load_config(configs["standard"])["eval_episodes"]))
+    check_arms(args.env, arms, train_overrides)
+    if args.print_config:
+        print_config({a: load_config(*train_config(a, 0, train_overrides, args.env))
+                      for a in sorted({checkpoint_of(a) for a in arms if is_trained(a)})})
     for a in sorted({checkpoint_of(a) for a in arms if is_trained(a)}):  # every config must load before anything runs
         load_config(*train_config(a, 0, train_overrides, args.env))
     root.mkdir(parents=True, exist_ok=True)
@@ -708,7 +929,7 @@ def main():
     else:  # a rerun that only rewrote the report: the timing of the run that did the work stays
         say(f"nothing trained or evaluated: kept {report_dir / 'timing.json'} of the run that did the work")
     print((report_dir / "report.md").read_text())
-    say(f"wrote {report_dir / 'report.md'}, report.json, learning_curves.png, aggregates.png in {total:.0f} s "
+    say(f"wrote {report_dir / 'report.md'}, report.json, learning_curves.png, aggregates.png, quality.png in {total:.0f} s "
         f"(collect {t_collect:.0f} s, train {t_train:.0f} s, evaluate {t_eval:.0f} s)")
 
 

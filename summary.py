@@ -149,6 +149,7 @@ class SummaryContexts:
         self.cache = None
         self.all_rows = torch.arange(n, device=device)
         self.recomputed, self.kv_max = 0, 0
+        self.kv_sum = torch.zeros(n, dtype=torch.long, device=device)  # KV entries summed over steps (their mean)
         self.log = None
         if keep_log:
             self.log = {"type": full(STEP, log_cap), "state": full(self.pad_state, log_cap), "prev": full(PAD_PREV, log_cap),
@@ -178,7 +179,9 @@ class SummaryContexts:
 
     def logits(self, use_cache: bool):
         """Logits (action, token type) at each stream's newest token."""
-        self.kv_max = max(self.kv_max, int(self.kv_entries().max()))
+        kv = self.kv_entries()
+        self.kv_max = max(self.kv_max, int(kv.max()))
+        self.kv_sum += kv
         return self.run_pending() if use_cache else self.full_pass()
 
     def flush(self, use_cache: bool):
@@ -320,7 +323,10 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
            "summary": {"summary_mode": ctx.mode, "n_summary": ctx.n_summary, "max_summaries": ctx.kept,
                        "n_summaries_written": n_written, "summary_tokens_written": n_written * ctx.n_summary,
                        "kept_summaries_max": frozen_max, "kv_entries_per_stream_max": ctx.kv_max,
-                       "kv_slots_per_stream": ctx.L - 1}}
+                       "kv_slots_per_stream": ctx.L - 1},
+           "kv_cache": {"kv_entries_per_stream_max": ctx.kv_max,  # as evaluate.run_in_context's, for every arm
+                        "kv_entries_per_stream_mean": float(ctx.kv_sum.sum()) / (n_total * B),
+                        "kv_slots_per_stream": ctx.L - 1}}
     if record_logits:
         out["logits"] = torch.stack(logits_log)  # (steps, B, A + 3)
         out["context_log"] = {k: v.cpu() for k, v in ctx.log.items()} | {"length": ctx.log_len.cpu()}

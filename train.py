@@ -12,13 +12,13 @@ in-context rollout on the validation goals (val/return, val/return_last), in Ten
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,10 +35,14 @@ from common import (
     DEFAULT_MODEL_CONFIG,
     UserError,
     add_config_args,
+    add_print_config,
     config_diff,
     default_run_dir,
     history_path,
     load_config,
+    make_parser,
+    parse_cli,
+    print_config,
     run_main,
 )
 from dataset import HistoryDataset
@@ -185,13 +189,11 @@ def val_metrics(model, val_data: HistoryDataset, cfg: dict, accelerator: Acceler
 @torch.no_grad()
 def val_return(model, cfg: dict) -> dict:
     """A short in-context rollout on the validation goals (KV cache, no weight updates): what the model is for."""
-    from evaluate import run_in_context  # imported here: evaluate imports the env, which imports SB3
+    from evaluate import evaluate_config  # imported here: evaluate imports the env, which imports SB3
 
     goals = task_split(cfg, "val")
     model.eval()
-    res = run_in_context(model, cfg, goals, n_streams=cfg["val_streams"], n_episodes=cfg["val_episodes"],
-                         seed=cfg["eval_seed"], temperature=cfg["eval_temperature"], progress=False,
-                         device=next(model.parameters()).device)
+    _, res = evaluate_config(model, cfg, goals, episodes=cfg["val_episodes"], streams=cfg["val_streams"], progress=False)
     model.train()
     R = res["returns"]  # [goal, stream, episode]
     opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in goals], dtype=np.float64)
@@ -300,6 +302,15 @@ def make_accelerator(cfg: dict) -> tuple[Accelerator, dict]:
     return accelerator, {"mixed_precision": cfg["mixed_precision"], "precision": precision, "precision_reason": reason}
 
 
+def take_free_core(signum=None, frame=None) -> None:
+    """SIGUSR1: a core was freed (the workflow and the study send it when another of their trainings ends), so use one
+    more intra-op thread, up to the core count. Two trainings at once end together instead of one idling a core."""
+    n = min(torch.get_num_threads() + 1, os.cpu_count() or 1)
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+        print(f"\nSIGUSR1: a core was freed, training on {n} threads from here", flush=True)
+
+
 def save_checkpoint(path: Path, raw_model, opt, sched, accelerator: Accelerator, log, cfg: dict, horizon: int,
                     step: int) -> None:
     """Everything a resumed run needs to continue bit for bit, written atomically by the main process."""
@@ -340,14 +351,19 @@ def write_summary(run_dir: Path, cfg: dict, accelerator: Accelerator, start_step
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_config_args(parser, DEFAULT_MODEL_CONFIG)
     parser.add_argument("--run-dir", default=None, help="output directory (default: runs/<run_name>-seed<seed>)")
     parser.add_argument("--force", action="store_true", help="start over in a run dir that already holds a run")
-    args = parser.parse_args()
+    add_print_config(parser)
+    args = parse_cli(parser)
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print_config(cfg)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     accelerator, precision = make_accelerator(cfg)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, take_free_core)
     main_proc = accelerator.is_main_process
 
     # ---- build: resume decision, data, model, optimiser -------------------------------------------------------

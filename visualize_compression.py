@@ -140,6 +140,15 @@ def plot_stream(path: Path, goal: int, stream: int, max_steps: int, out_dir: Pat
 
 
 def analyze(path: Path, cfg: dict, out_dir: Path) -> Path:
+    """--analyze: print the regions of every goal of the history file and their return by region index; plot it."""
+    stats = history_region_stats(path, cfg)
+    print_region_stats(stats)
+    return plot_region_stats(stats, out_dir)
+
+
+def history_region_stats(path: Path, cfg: dict) -> dict:
+    """Per goal of a history file, its regions (count, lengths, first / last reward and return per episode), and per
+    region index k, the return per episode over goals (`by_k`) and as a fraction of each goal's optimum (`norm_k`)."""
     from env import task_family, task_split  # imported here: env pulls in SB3, which takes seconds
 
     with open_history(path) as f:
@@ -174,7 +183,17 @@ def analyze(path: Path, cfg: dict, out_dir: Path) -> Path:
             )
     if not rows:
         raise UserError(f"{path} holds no goals; re-run collect.py")
+    # region k of every goal (goals with fewer regions drop out of the later indices)
+    n_regions = max(len(v) for v in returns.values())
+    opt = {r["goal"]: r["optimum"] for r in rows}
+    by_k = [np.array([v[k] for v in returns.values() if len(v) > k]) for k in range(n_regions)]
+    norm_k = [np.array([v[k] / opt[g] for g, v in returns.items() if len(v) > k]) for k in range(n_regions)]
+    return {"rows": rows, "optimum": opt, "by_k": by_k, "norm_k": norm_k}
 
+
+def print_region_stats(stats: dict) -> None:
+    """`history_region_stats`'s dict as two tables: per goal, and per region index."""
+    rows, opt, by_k, norm_k = stats["rows"], stats["optimum"], stats["by_k"], stats["norm_k"]
     print(
         f"{'goal':>4} {'task':>22} {'split':>5} {'opt':>4} {'regions':>7} {'length':>8} {'reward/region':>15} "
         f"{'return/episode':>15} {'last/opt':>8}"
@@ -188,11 +207,7 @@ def analyze(path: Path, cfg: dict, out_dir: Path) -> Path:
             f"{r['return_last'] / r['optimum']:>8.2f}{note}"
         )
 
-    # region k of every goal (goals with fewer regions drop out of the later indices)
-    n_regions = max(len(v) for v in returns.values())
-    opt = {r["goal"]: r["optimum"] for r in rows}
-    by_k = [np.array([v[k] for v in returns.values() if len(v) > k]) for k in range(n_regions)]
-    norm_k = [np.array([v[k] / opt[g] for g, v in returns.items() if len(v) > k]) for k in range(n_regions)]
+    n_regions = len(by_k)
     print(f"\nreturn per episode by region index, over {len(rows)} goals (oracle mean {np.mean(list(opt.values())):.2f}):")
     print(f"{'region':>6} {'mean':>6} {'p25':>6} {'p75':>6} {'of oracle':>9} {'goals>=0.9':>10}")
     for k in range(n_regions):
@@ -201,6 +216,11 @@ def analyze(path: Path, cfg: dict, out_dir: Path) -> Path:
             f"{norm_k[k].mean():>9.2f} {(norm_k[k] >= 0.9).mean():>10.0%}"
         )
 
+
+def plot_region_stats(stats: dict, out_dir: Path) -> Path:
+    """out_dir/analysis.png from `history_region_stats`'s dict: return by region index, and as a fraction of the oracle."""
+    rows, opt, by_k, norm_k = stats["rows"], stats["optimum"], stats["by_k"], stats["norm_k"]
+    n_regions = len(by_k)
     plt = pyplot()
     ks = np.arange(n_regions)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))

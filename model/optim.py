@@ -2,7 +2,7 @@
 
 - `all`: every parameter, the repo's original AdamW setting.
 - `matrices`: only parameters with two or more dimensions (linear weights and embedding tables), not LayerNorm gains
-  or biases, as nanoGPT does (docs/experiments.md E29 measured both on validation goals).
+  or biases, as nanoGPT does (docs/experiments.md E31 measured both on validation goals: no difference, so `all` stays).
 """
 
 from __future__ import annotations

@@ -1,0 +1,80 @@
+"""Running repo scripts as subprocesses for the workflow (example_compressed_training.py) and the study (study.py):
+one at a time with output on the terminal, or several at once with one thread each, each logging to its own file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, UserError
+
+MIN_RUNNING_S = 30.0  # a job gets SIGUSR1 only once it has run this long (train.py installs its handler at start-up)
+
+
+def say(stage: str, msg: str) -> None:
+    print(f"[{stage}] {msg}", flush=True)
+
+
+def run_stage(stage: str, script: str, args: list[str]) -> None:
+    """Run one repo script with this interpreter; its output (progress bars included) goes straight to the terminal."""
+    cmd = [sys.executable, str(ROOT / script), *args]
+    say(stage, "run: python " + " ".join([script, *args]))
+    start = time.perf_counter()
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise UserError(
+            f"stage '{stage}' failed: {script} exited with {rc} (its error is above); fix it and re-run "
+            "this command, finished stages are skipped"
+        )
+    say(stage, f"done in {time.perf_counter() - start:.0f} s")
+
+
+def hand_over_core(running: dict) -> None:
+    """A job ended and none is waiting: tell the running train.py jobs (SIGUSR1) that a core is free, so each takes one
+    more thread (train.take_free_core) and the last training does not leave a core idle. Jobs younger than
+    MIN_RUNNING_S are skipped: before train.py installs its handler, SIGUSR1 would end it."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    now = time.perf_counter()
+    for proc, _, started in running.values():
+        if "train.py" in " ".join(map(str, proc.args)) and now - started >= MIN_RUNNING_S and proc.poll() is None:
+            proc.send_signal(signal.SIGUSR1)
+
+
+def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int = 2) -> None:
+    """Run repo scripts `max_jobs` at a time (the next starts when one ends), one thread each (`num_threads=1`), each
+    logging to its own file: on a 2-core CPU two single-thread trainings finish sooner than the same two one after the
+    other with 2 threads each (docs/experiments.md E7). A failure stops the others and shows the failed job's log."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    queue, running = list(jobs.items()), {}
+    start = time.perf_counter()
+    try:
+        while queue or running:
+            while queue and len(running) < max_jobs:
+                name, (script, args, log) = queue.pop(0)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                say(name, f"run: python {script} {' '.join(args)} num_threads=1  (log: {log})")
+                proc = subprocess.Popen([sys.executable, str(ROOT / script), *args, "num_threads=1"], env=env,
+                                        stdout=log.open("w"), stderr=subprocess.STDOUT)
+                running[name] = (proc, log, time.perf_counter())
+            for name, (proc, log, _) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                if rc != 0:
+                    print("\n".join(log.read_text().splitlines()[-15:]), file=sys.stderr)
+                    raise UserError(f"stage '{name}' failed: exited with {rc} (its log {log} ends as above); fix it and "
+                                    "re-run this command, finished stages are skipped")
+                say(name, f"done ({time.perf_counter() - start:.0f} s since the first started)")
+                if not queue:
+                    hand_over_core(running)
+            time.sleep(0.5)
+    finally:
+        for proc, *_ in running.values():
+            proc.terminate()
+            proc.wait()

@@ -1,0 +1,48 @@
+"""Two trainings at once end together: when one ends, the other is told (SIGUSR1) to take the freed core."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import jobs
+from train import take_free_core
+
+
+class FakeProc:
+    def __init__(self, script: str, alive: bool = True):
+        self.args = ["python", f"/repo/{script}", "num_threads=1"]
+        self.alive, self.signals = alive, []
+
+    def poll(self):
+        return None if self.alive else 0
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+
+
+def test_hand_over_core_signals_only_running_trainings_past_start_up():
+    now = time.perf_counter()
+    old, young, evaluation = FakeProc("train.py"), FakeProc("train.py"), FakeProc("evaluate.py")
+    ended = FakeProc("train.py", alive=False)
+    running = {"a": (old, None, now - 60), "b": (young, None, now - 1), "c": (evaluation, None, now - 60),
+               "d": (ended, None, now - 60)}
+    jobs.hand_over_core(running)
+    assert old.signals == [signal.SIGUSR1]
+    assert young.signals == evaluation.signals == ended.signals == []  # too young for its handler, not a training, gone
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to take a second one")
+def test_take_free_core_adds_one_thread_up_to_the_cores():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        take_free_core()
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(os.cpu_count())
+        take_free_core()
+        assert torch.get_num_threads() == os.cpu_count()
+    finally:
+        torch.set_num_threads(before)
