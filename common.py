@@ -259,7 +259,7 @@ def min_summary_context(interval: int, max_regions: int, n_summary: int) -> int:
 
 
 def validate_summary(cfg: dict) -> None:
-    """Summary tokens (issue 27): one line for each inconsistent setting."""
+    """Summary tokens: one line for each inconsistent setting."""
     if not cfg.get("use_summary"):
         return
     if not cfg.get("use_compressed_context"):

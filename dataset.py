@@ -161,7 +161,7 @@ class HistoryDataset(IterableDataset):
             if need > self.n_transit:
                 raise UserError(f"n_transit={self.n_transit} is too small for {self.max_regions} regions of {longest} steps "
                                 f"plus markers: set n_transit>={need}")
-        # summary tokens (issue 27): batches of summary.py's layout, drawn like the compressed ones
+        # summary tokens: batches of summary.py's layout, drawn like the compressed ones
         self.summary = SummarySampler(self.data, cfg, batch_size, seed, rank) if cfg.get("use_summary") else None
 
     def __iter__(self):

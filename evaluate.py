@@ -221,7 +221,7 @@ def run_in_context(model, cfg: dict, goals: list[int], *, n_streams: int, n_epis
                    use_cache: bool = True, temperature: float = 1.0, progress: bool = True, record_logits: bool = False,
                    device="cpu") -> dict:
     """Roll out `len(goals) * n_streams` streams for `n_episodes` episodes each, learning in context only."""
-    if cfg.get("use_summary"):  # summary tokens kept for pruned regions (issue 27): summary.py's loop, same results
+    if cfg.get("use_summary"):  # summary tokens kept for pruned regions: summary.py's loop, same results
         return run_in_context_summary(model, cfg, goals, n_streams=n_streams, n_episodes=n_episodes, seed=seed,
                                       use_cache=use_cache, temperature=temperature, progress=progress,
                                       record_logits=record_logits, device=device)
@@ -357,7 +357,7 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
                             "close_steps": [list(map(int, c)) for c in res["closes"]],
                             "forced_close_steps": [list(map(int, c)) for c in res["forced_closes"]],
                             "set_close_steps": [list(map(int, c)) for c in res.get("set_closes", [])]}
-    if "summary" in res:  # summary mode: summaries written, kept, and the keys/values per stream (issue 27)
+    if "summary" in res:  # summary mode: summaries written, kept, and the keys/values per stream
         s["summary"] = res["summary"]
     if "kv_cache" in res:  # every mode: KV entries per stream, max / mean over the evaluation, and the slots
         s["kv_cache"] = res["kv_cache"]

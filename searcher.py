@@ -1,4 +1,4 @@
-"""A reference learner for the study (issue 26): a hand-written searcher with memory across episodes, per env.
+"""A reference learner for the study: a hand-written searcher with memory across episodes, per env.
 
 It plays the same streams as the in-context evaluation (`env.BatchEnv`: every task x `n_streams`, goal-major, all reset
 together every `horizon` steps) and keeps the same per-episode bookkeeping as `evaluate.run_in_context`, so its returns

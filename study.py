@@ -21,7 +21,7 @@ Optional arms (`--arms`; not in the default study, so its cost is unchanged):
 - ppo: the source PPO's own learning, per stream, from the history file's rewards (each update pools a goal's n_stream
   streams); not trained or evaluated, no temperature.
 - compressed-adaptive: compressed AD on Darkroom histories whose rollout length differs by stream (its own file).
-- compressed-summary: compressed AD with summary tokens (issue 27, summary.py): max_regions raw regions plus the summaries
+- compressed-summary: compressed AD with summary tokens (summary.py): max_regions raw regions plus the summaries
   of older ones, the env's config/model/ad_{dr,kd,dp}_summary.yaml, evaluated with the model's `</compress>`;
 - the compression-quality sweep: standard-<w> (w = 80 k: a FIFO window of k rollouts, e.g. standard-80, standard-320) and
   compressed-r<m> (compressed AD trained and evaluated with max_regions=m, n_transit sized for it; the m of the env's
@@ -313,7 +313,7 @@ def _evaluate(spec: dict) -> dict:
            "precision_compress_end": number("precision_compress_end"), "recall_compress_end": number("recall_compress_end"),
            "kv_entries_max": number("kv_entries_per_stream_max", kv),
            "kv_entries_mean": number("kv_entries_per_stream_mean", kv)}
-    if summ is not None:  # summary arms: summaries written and kept (issue 27)
+    if summ is not None:  # summary arms: summaries written and kept
         out |= {f"summary_{k}": summ[k] for k in SUMMARY_NUMBERS} | {"summary_mode": summ["summary_mode"]}
     return out
 

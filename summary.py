@@ -1,4 +1,4 @@
-"""Summary tokens for closed regions (issue 27): training samples and in-context evaluation.
+"""Summary tokens for closed regions: training samples and in-context evaluation.
 
 The layout, the attention rule and the positions are in model/summary.py (read its docstring first); this module
 puts them to work:

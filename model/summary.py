@@ -1,4 +1,4 @@
-"""Summary tokens for closed regions: who sees what, and at which position (pure torch; issue 27).
+"""Summary tokens for closed regions: who sees what, and at which position (pure torch).
 
 After each `</compress>` the model writes `n_summary` summary tokens (type ids `SUMMARY + j`, one learned embedding per
 j). When a region is pruned its step and marker tokens leave the context, its summary tokens' keys/values stay. A

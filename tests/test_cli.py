@@ -1,4 +1,4 @@
-"""The command-line scripts: the bugs of issue 25 (each with the test that found it) and the one CLI convention."""
+"""The command-line scripts: the bugs a reading found (each with its test) and the one CLI convention."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One way to run an evaluation (issue 25): evaluate.py, study.py, probe.py and train.py's validation rollout all go
+"""One way to run an evaluation: evaluate.py, study.py, probe.py and train.py's validation rollout all go
 through evaluate.evaluate_config, which reads every eval_* key from the config, so the same run with the same eval
 settings gets the same returns from each of them."""
 

@@ -1,4 +1,4 @@
-"""The compression-quality sweep (issue 27): the study arms compressed-summary, standard-<80 k> and compressed-r<m> and
+"""The compression-quality sweep: the study arms compressed-summary, standard-<80 k> and compressed-r<m> and
 their refusals; the KV entries per stream every evaluation records (known values on fixed-rhythm contexts); and the
 quality points (return against KV entries, one per arm) on synthetic results with known answers."""
 

@@ -1,4 +1,4 @@
-"""Summary tokens (issue 27; model/summary.py, summary.py): the mask lets a token see a pruned region only through its
+"""Summary tokens (model/summary.py, summary.py): the mask lets a token see a pruned region only through its
 summaries; cached evaluation equals a teacher-forced pass over the whole stream; evaluation contexts are training
 samples; the cache stays bounded; and a tiny model solves a memory task with summaries that pruning alone cannot."""
 
