@@ -47,7 +47,7 @@ from common import (
 )
 from dataset import HistoryDataset
 from env import task_family, task_split
-from hardware import bf16_warning, resolve_precision
+from hardware import bf16_warning, cpu_info, resolve_precision
 from model import MODEL, ADConfig, weights_digest
 from model.optim import param_groups
 
@@ -294,9 +294,10 @@ def make_accelerator(cfg: dict) -> tuple[Accelerator, dict]:
         raise UserError("mixed_precision=fp16 needs a GPU (on CPU accelerate would silently train in fp32); "
                         "use mixed_precision=auto, bf16 or no")
     gpu_bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    precision, reason = resolve_precision(cfg["mixed_precision"], on_gpu, gpu_bf16)
+    cpu = None if on_gpu else cpu_info()  # read once: the choice and the warning use the same facts
+    precision, reason = resolve_precision(cfg["mixed_precision"], on_gpu, gpu_bf16, cpu)
     accelerator = Accelerator(mixed_precision=precision, cpu=not on_gpu)
-    warning = bf16_warning(precision, on_gpu)
+    warning = bf16_warning(precision, on_gpu, cpu)
     if accelerator.is_main_process:
         print(warning or reason, file=sys.stderr if warning else sys.stdout, flush=True)
     return accelerator, {"mixed_precision": cfg["mixed_precision"], "precision": precision, "precision_reason": reason}
