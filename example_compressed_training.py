@@ -14,7 +14,8 @@ at any time and re-run the same command: finished stages are skipped.
   train.py is called and resumes from ckpt.pt by itself. With >= 2 cores the two modes train at once, one thread
   each, logging to RUN_DIR/train.log (--sequential: one after the other, progress bars on the terminal).
 - evaluate: skipped when eval_summary.json is an evaluation of this training's weights on --split with the same
-  eval_* settings; otherwise evaluate.py replaces it (and says so).
+  eval_* settings; otherwise evaluate.py replaces it (and says so). With >= 2 cores the two evaluations run at once,
+  one thread each, logging to RUN_DIR/eval.log (--sequential: one after the other, on the terminal).
 - compare: always rewritten from the two runs (compare.write_report).
 Overrides `key=value` apply to every stage (collect.py gets the collection keys); `standard.key=value` or
 `compressed.key=value` apply to one mode only. Run dirs: RUNS_ROOT/<run_name>-seed<seed> (the names train.py
@@ -51,7 +52,7 @@ from common import (
     run_main,
 )
 from history import history_problem
-from jobs import run_concurrently, run_stage, say
+from jobs import log_text, run_concurrently, run_stage, say
 
 MODES = ("standard", "compressed")
 STAGES = {
@@ -210,6 +211,20 @@ def eval_staleness(run_dir: Path, cfg: dict, split: str) -> str | None:
 
 
 def stage_evaluate(plan: Plan) -> None:
+    todo = eval_todo(plan)
+    if len(todo) > 1 and plan.parallel:
+        run_concurrently({f"evaluate {m}": ("evaluate.py", args, plan.run_dirs[m] / "eval.log") for m, args in todo})
+        for m, _ in todo:  # what each evaluation printed, as it would have been shown on the terminal
+            say(f"evaluate {m}", f"{plan.run_dirs[m] / 'eval.log'}:")
+            print(log_text(plan.run_dirs[m] / "eval.log").strip(), flush=True)
+        return
+    for mode, args in todo:
+        run_stage(f"evaluate {mode}", "evaluate.py", args)
+
+
+def eval_todo(plan: Plan) -> list[tuple[str, list[str]]]:
+    """(mode, evaluate.py arguments) of every run whose evaluation is missing or stale; current ones are skipped."""
+    todo = []
     for mode, cfg in plan.cfgs.items():
         stage, run_dir = f"evaluate {mode}", plan.run_dirs[mode]
         why = eval_staleness(run_dir, cfg, plan.split)
@@ -226,7 +241,8 @@ def stage_evaluate(plan: Plan) -> None:
         args += [f"{k}={json.dumps(now[k])}" for k in EVAL_KEYS if (EVAL_DEFAULTS | trained).get(k) != now[k]]
         force = ["--force"] if why.startswith("eval settings changed") else []  # said here: the old one is replaced
         say(stage, f"{why}: evaluating {run_dir} in context on the {plan.split} goals ({cfg['eval_episodes']} episodes)")
-        run_stage(stage, "evaluate.py", ["--run-dir", str(run_dir), "--split", plan.split, *force, *args])
+        todo.append((mode, ["--run-dir", str(run_dir), "--split", plan.split, *force, *args]))
+    return todo
 
 
 def stage_compare(plan: Plan) -> None:
@@ -278,14 +294,17 @@ def main():
     plan.split = args.split
     plan.parallel = not args.sequential and (os.cpu_count() or 1) >= 2
     stages = {"collect": stage_collect, "train": stage_train, "evaluate": stage_evaluate, "compare": stage_compare}
-    start = time.perf_counter()
+    start, took = time.perf_counter(), {}
     try:
         for name in STAGES[args.mode]:
+            t0 = time.perf_counter()
             stages[name](plan)
+            took[name] = time.perf_counter() - t0
     except KeyboardInterrupt:
         print("\ninterrupted: re-run the same command to resume (finished stages are skipped)", file=sys.stderr)
         sys.exit(130)
-    print(f"--mode {args.mode} finished in {time.perf_counter() - start:.0f} s")
+    stage_times = ", ".join(f"{name} {t:.0f} s" for name, t in took.items())
+    print(f"--mode {args.mode} finished in {time.perf_counter() - start:.0f} s ({stage_times})")
 
 
 if __name__ == "__main__":

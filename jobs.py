@@ -33,6 +33,13 @@ def run_stage(stage: str, script: str, args: list[str]) -> None:
     say(stage, f"done in {time.perf_counter() - start:.0f} s")
 
 
+def log_text(log: Path) -> str:
+    """A job's log as a terminal would have shown it: of each line redrawn with carriage returns (progress bars), its
+    last state."""
+    text = log.read_bytes().decode(errors="replace")  # read_text would turn every \r into a new line
+    return "\n".join(line.split("\r")[-1] for line in text.split("\n"))
+
+
 def hand_over_core(running: dict) -> None:
     """A job ended and none is waiting: tell the running train.py jobs (SIGUSR1) that a core is free, so each takes one
     more thread (train.take_free_core) and the last training does not leave a core idle. Jobs younger than
@@ -46,8 +53,8 @@ def hand_over_core(running: dict) -> None:
 
 
 def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int = 2) -> None:
-    """Run repo scripts `max_jobs` at a time (the next starts when one ends), one thread each (`num_threads=1`), each
-    logging to its own file: on a 2-core CPU two single-thread trainings finish sooner than the same two one after the
+    """Run repo scripts `max_jobs` at a time (the next starts when one ends), one thread each (`OMP_NUM_THREADS=1`, and
+    `num_threads=1` for train.py), each logging to its own file: on a 2-core CPU two single-thread trainings finish sooner than the same two one after the
     other with 2 threads each (docs/experiments.md E7). A failure stops the others and shows the failed job's log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     queue, running = list(jobs.items()), {}
@@ -57,8 +64,9 @@ def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int
             while queue and len(running) < max_jobs:
                 name, (script, args, log) = queue.pop(0)
                 log.parent.mkdir(parents=True, exist_ok=True)
-                say(name, f"run: python {script} {' '.join(args)} num_threads=1  (log: {log})")
-                proc = subprocess.Popen([sys.executable, str(ROOT / script), *args, "num_threads=1"], env=env,
+                args = [*args, "num_threads=1"] if script == "train.py" else args  # others: OMP_NUM_THREADS=1
+                say(name, f"run: python {script} {' '.join(args)}  (log: {log})")
+                proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], env=env,
                                         stdout=log.open("w"), stderr=subprocess.STDOUT)
                 running[name] = (proc, log, time.perf_counter())
             for name, (proc, log, _) in list(running.items()):
@@ -67,7 +75,7 @@ def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int
                     continue
                 del running[name]
                 if rc != 0:
-                    print("\n".join(log.read_text().splitlines()[-15:]), file=sys.stderr)
+                    print("\n".join(log_text(log).splitlines()[-15:]), file=sys.stderr)
                     raise UserError(f"stage '{name}' failed: exited with {rc} (its log {log} ends as above); fix it and "
                                     "re-run this command, finished stages are skipped")
                 say(name, f"done ({time.perf_counter() - start:.0f} s since the first started)")

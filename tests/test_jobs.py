@@ -46,3 +46,28 @@ def test_take_free_core_adds_one_thread_up_to_the_cores():
         assert torch.get_num_threads() == os.cpu_count()
     finally:
         torch.set_num_threads(before)
+
+
+def test_log_text_keeps_the_last_state_of_redrawn_lines(tmp_path):
+    log = tmp_path / "eval.log"
+    log.write_text("start\nbar  10%\rbar  50%\rbar 100%\nmean return 15.2\n")
+    assert jobs.log_text(log) == "start\nbar 100%\nmean return 15.2\n"
+
+
+def test_run_concurrently_gives_num_threads_only_to_trainings(tmp_path, monkeypatch):
+    started = []
+
+    class Done:
+        def __init__(self, cmd, env, stdout, stderr):
+            started.append((cmd, env["OMP_NUM_THREADS"]))
+            self.args = cmd
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", Done)
+    jobs.run_concurrently({"train": ("train.py", ["--run-dir", "r"], tmp_path / "t.log"),
+                           "evaluate": ("evaluate.py", ["--run-dir", "r"], tmp_path / "e.log")})
+    (train_cmd, t_env), (eval_cmd, e_env) = started
+    assert train_cmd[-1] == "num_threads=1" and "num_threads=1" not in eval_cmd  # evaluate.py reads no such key
+    assert t_env == e_env == "1"

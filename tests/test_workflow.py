@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def test_mode_all_trains_evaluates_and_reports(workflow):
         for f in ("ckpt.pt", "config.yaml", "train_summary.json", "eval_result.npy", "eval_summary.json"):
             assert (root / name / f).is_file(), f"{mode}: {f}"
         assert json.loads((root / name / "eval_summary.json").read_text())["mode"] == mode
+        if (os.cpu_count() or 1) >= 2:  # the two evaluations ran at once, each logging to its run dir, echoed after
+            assert f"[evaluate {mode}] {root / name / 'eval.log'}:" in out and (root / name / "eval.log").is_file()
+    assert "--mode all finished in" in out and "(collect " in out and "evaluate " in out  # the stages' times
     for f in REPORT_FILES:
         assert (root / "compare" / f).is_file()
     for png in ("learning_curves.png", "per_goal.png"):
