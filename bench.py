@@ -29,6 +29,9 @@ clone) it first collects 2 training goals with the default PPO config into datas
   `--run-dir` evaluates a trained checkpoint instead.
 - memory over a long evaluation: the peak RSS of one cached run after 1/5 of its episodes and at the end, and
   the longest context any stream held (must stay <= n_transit).
+- gpu (`--only gpu`, never by default): on cuda:0, both modes trained 300 steps in bf16, eager and `torch.compile`d
+  (steps/s, targets/s, peak GPU memory), and a cached evaluation of 500 episodes x 8 goals x 4 streams (seconds, peak
+  GPU memory). On a machine without CUDA it stops with one line.
 """
 
 from __future__ import annotations
@@ -192,15 +195,15 @@ def train_config(mode: str, options: dict) -> dict:
     return load_config(MODES[mode], [f"{k}={v}" for k, v in options.items() if k in ("mixed_precision", "traj_dir")])
 
 
-def uses_bf16(cfg: dict) -> bool:
-    """Whether train.py would autocast to bf16 with this config on this CPU (`auto` resolved as train.py does)."""
+def uses_bf16(cfg: dict, on_gpu: bool = False) -> bool:
+    """Whether train.py would autocast to bf16 with this config on this CPU or GPU (`auto` resolved as train.py does)."""
     from hardware import resolve_precision
 
-    return resolve_precision(cfg["mixed_precision"], on_gpu=False)[0] == "bf16"
+    return resolve_precision(cfg["mixed_precision"], on_gpu=on_gpu)[0] == "bf16"
 
 
 def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> dict:
-    """Time the training step with `options` (mixed_precision, compile, traj_dir)."""
+    """Time the training step with `options` (mixed_precision, compile, traj_dir, device: "cpu" or "cuda")."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -212,14 +215,17 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     cfg = train_config(mode, options)
     data = HistoryDataset(history_path(cfg), cfg, "train", cfg["train_batch_size"], cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    model = MODEL[cfg["model"]](ADConfig.from_dict(cfg)).train()
+    device = options.get("device", "cpu")
+    on_gpu = device.startswith("cuda")
+    model = MODEL[cfg["model"]](ADConfig.from_dict(cfg)).train().to(device)
     fn = torch.compile(model) if options.get("compile") else model
-    bf16 = uses_bf16(cfg)
+    bf16 = uses_bf16(cfg, on_gpu)
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)  # GPU kernels run asynchronously: wait before timing
     opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["weight_decay_on"]), lr=cfg["lr"], betas=(0.9, 0.99))
 
     def step(i: int, rows: int | None = None, f=fn) -> int:
-        batch = data.batch(i)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what accelerate's autocast does on CPU
+        batch = {k: v.to(device) for k, v in data.batch(i).items()}
+        with torch.autocast("cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=bf16):  # as accelerate does
             out = f({k: v[:rows] for k, v in batch.items()} if rows else batch)
         out["loss"].backward()
         if cfg["grad_clip"] > 0:
@@ -233,19 +239,24 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     step(0, rows=2, f=model)
     base = rss_mb()
     reset_ok = reset_peak_rss()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for i in range(n_warmup + (5 if options.get("compile") else 0)):  # compile: its first steps compile
         step(i)
+    sync()
     warmup_s = time.perf_counter() - t0
     times, targets = [], 0
     for i in range(n_warmup, n_warmup + n_steps):
         start = time.perf_counter()
-        targets += step(i)
+        targets += step(i)  # int(n_targets) waits for the forward pass; sync() for the backward and the update
+        sync()
         times.append(time.perf_counter() - start)
     peak = peak_rss_mb()
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
     with FlopCounterMode(display=False) as counter:  # forward + backward FLOPs of one step (eager model)
         step(0, f=model)
-    saved = saved_activation_bytes(model, data.batch(0))
+    saved = saved_activation_bytes(model, {k: v.to(device) for k, v in data.batch(0).items()})
     step_s = statistics.median(times)  # robust to a step slowed by something else on the machine
     return {
         "mode": mode, "options": options, "batch_size": cfg["train_batch_size"], "seq_len": cfg["n_transit"],
@@ -254,7 +265,8 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
         "steps_per_s": 1 / step_s, "targets_per_s": targets / n_steps / step_s, "targets_per_step": targets / n_steps,
         "gflop_per_step": counter.get_total_flops() / 1e9, "gflop_per_s": counter.get_total_flops() / 1e9 / step_s,
         "saved_activations_mb": saved / 2**20, "baseline_rss_mb": base, "peak_rss_mb": peak,
-        "peak_rss_growth_mb": peak - base if reset_ok else float("nan"),
+        "peak_rss_growth_mb": peak - base if reset_ok else float("nan"), "device": device, "bf16": bf16,
+        "peak_gpu_mb": peak_gpu,
     }
 
 
@@ -325,7 +337,7 @@ def measure_matmul_peak(mode: str, options: dict) -> dict:
     return {"gflop_per_s": out, "threads": torch.get_num_threads()}
 
 
-def eval_model(mode: str, run_dir: str | None):
+def eval_model(mode: str, run_dir: str | None, device: str = "cpu"):
     """(model, cfg, trained): the checkpoint in `run_dir` if it was trained in this mode, else a randomly
     initialised default-config model (compressed: token-type head biased never to say </compress>)."""
     import torch
@@ -337,7 +349,7 @@ def eval_model(mode: str, run_dir: str | None):
     if run_dir:
         from evaluate import load_run
 
-        model, cfg = load_run(Path(run_dir), [], "cpu")
+        model, cfg = load_run(Path(run_dir), [], device)
         if cfg["use_compressed_context"] == (mode == "compressed"):
             return model, cfg, True
     cfg = load_config(MODES[mode])
@@ -346,10 +358,11 @@ def eval_model(mode: str, run_dir: str | None):
     if cfg["use_compressed_context"]:
         with torch.no_grad():
             model.head_token_type.bias[COMPRESS_END] = -10.0  # regions close at max_region_len, as scheduled
-    return model, cfg, False
+    return model.to(device), cfg, False
 
 
-def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | None, rss_at: tuple[int, ...] = ()) -> dict:
+def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | None, rss_at: tuple[int, ...] = (),
+                 device: str = "cpu") -> dict:
     """Time `run_in_context`. With `rss_at` (episode counts), also record the peak RSS so far after those episodes
     and the longest context any stream held (this costs a little time, so only memory runs do it)."""
     import torch
@@ -357,7 +370,9 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
     import evaluate
     from env import task_split
 
-    model, cfg, trained = eval_model(mode, run_dir)
+    model, cfg, trained = eval_model(mode, run_dir, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     test_goals = task_split(cfg, "test")
     longest, rss, steps_done = [0], {}, [0]
     if rss_at:
@@ -376,8 +391,8 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
     reset_ok = reset_peak_rss()
     start = time.perf_counter()
     res = evaluate.run_in_context(model, cfg, test_goals, n_streams=cfg["eval_streams"], n_episodes=n_episodes,
-                                  seed=cfg["eval_seed"], use_cache=use_cache, progress=False)
-    secs = time.perf_counter() - start
+                                  seed=cfg["eval_seed"], use_cache=use_cache, progress=False, device=device)
+    secs = time.perf_counter() - start  # the loop reads every step's actions back to the CPU: no sync needed
     if n_episodes in rss_at:
         rss[n_episodes] = peak_rss_mb()
     steps = n_episodes * cfg["horizon"]
@@ -390,6 +405,7 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
         "longest_context": longest[0] if rss_at else None, "peak_rss_mb_after_episodes": rss,
         "mean_return": float(res["returns"].mean()), "baseline_rss_mb": base,
         "peak_rss_growth_mb": peak_rss_mb() - base if reset_ok else float("nan"), "torch_threads": torch.get_num_threads(),
+        "device": device, "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
     }
 
 
@@ -450,7 +466,8 @@ def worker(spec: dict) -> dict:
     if kind == "matmul":
         return measure_matmul_peak(spec["mode"], spec["options"])
     if kind == "eval":
-        return measure_eval(spec["mode"], spec["cached"], spec["episodes"], spec.get("run_dir"), tuple(spec.get("rss_at", ())))
+        return measure_eval(spec["mode"], spec["cached"], spec["episodes"], spec.get("run_dir"), tuple(spec.get("rss_at", ())),
+                            spec.get("device", "cpu"))
     raise ValueError(f"unknown benchmark kind {kind!r}")
 
 
@@ -656,6 +673,41 @@ def bench_memory(args, k: int, table: Table, res: dict) -> None:
     res["memory"] = mem
 
 
+GPU_TRAIN_STEPS, GPU_WARMUP = 300, 10
+SECTIONS = {"collect", "train", "eval", "memory", "gpu"}
+
+
+def bench_gpu(args, table: Table, res: dict) -> None:
+    """The GPU path (`--only gpu`; not in the default sections): both modes trained GPU_TRAIN_STEPS steps in bf16, eager
+    and compiled, then 500 episodes x the 8 test goals x eval_streams in context with the KV cache, on cuda:0."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench.py --only gpu needs a CUDA device and a CUDA build of torch; none is visible here "
+                         "(torch.cuda.is_available() is False): run the CPU sections instead")
+    name = torch.cuda.get_device_name(0)
+    print(f"GPU: {name}, bf16 {'supported' if torch.cuda.is_bf16_supported() else 'NOT supported'}", flush=True)
+    traj = {"traj_dir": str(ensure_history()), "device": "cuda", "mixed_precision": "bf16"}
+    gpu: dict = {"device": name}
+    for mode in MODES:
+        for compiled in (False, True):
+            how = "bf16 + compile" if compiled else "bf16, eager"
+            print(f"gpu training: {mode}, {how}, {GPU_TRAIN_STEPS} steps ...", flush=True)
+            r = gpu[f"train {mode} {how}"] = run_worker(
+                {"kind": "train", "mode": mode, "steps": GPU_TRAIN_STEPS, "warmup": GPU_WARMUP,
+                 "options": {**traj, "compile": compiled}})
+            table.add(f"gpu train {mode} ({how}): steps/s (batch {r['batch_size']} x {r['seq_len']})", r["steps_per_s"])
+            table.add(f"gpu train {mode} ({how}): targets/s", r["targets_per_s"], "{:,.0f}")
+            table.add(f"gpu train {mode} ({how}): peak GPU memory", r["peak_gpu_mb"], "{:.0f}", unit=" MB")
+        print(f"gpu evaluation: {mode}, cached, 500 episodes ...", flush=True)
+        r = gpu[f"eval {mode}"] = run_worker({"kind": "eval", "mode": mode, "cached": True, "episodes": 500,
+                                              "run_dir": args.run_dir, "device": "cuda"})
+        table.add(f"gpu eval {mode}: 500 episodes x {r['streams']} streams, KV cache ({r['model']} model)", r["seconds"],
+                  "{:.1f}", EVAL_500_S, upper=True, unit=" s")
+        table.add(f"gpu eval {mode}: peak GPU memory", r["peak_gpu_mb"], "{:.0f}", unit=" MB")
+    res["gpu"] = gpu
+
+
 def bench_projection(table: Table, res: dict) -> None:
     """The default main job from the measured parts (needs the collect, train and eval sections)."""
     ev = res["eval"]
@@ -690,7 +742,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for training and evaluation (default: torch's default, one per core)")
     parser.add_argument("--only", default="collect,train,eval,memory",
-                        help="comma-separated sections to run: collect, train, eval, memory (default: all)")
+                        help="comma-separated sections to run: collect, train, eval, memory (default: these four); "
+                        "gpu: the GPU path on cuda:0 (bf16 training eager and compiled, a cached evaluation)")
     parser.add_argument("--run-dir", default=None,
                         help="evaluate this trained run's checkpoint instead of a random model, in the mode it was trained in")
     parser.add_argument("--seed", type=int, default=0, help="seed that draws the goals collected (default 0)")
@@ -707,6 +760,9 @@ def main():
 
     k = 1 if args.full else 0
     sections = {s.strip() for s in args.only.split(",")}
+    if sections - SECTIONS:
+        raise SystemExit(f"error: unknown --only section(s) {', '.join(sorted(sections - SECTIONS))}: use a comma-separated "
+                         f"list of {', '.join(sorted(SECTIONS))}")
     threads = args.threads or torch.get_num_threads()
     machine, default = machine_line(threads)
     others = busy_processes()
@@ -725,6 +781,8 @@ def main():
         bench_eval(args, k, threads, table, res)
     if "memory" in sections:
         bench_memory(args, k, table, res)
+    if "gpu" in sections:
+        bench_gpu(args, table, res)
     if "projected_train_s" in res and "collect" in res and "eval" in res:
         bench_projection(table, res)
     title = (f"`python bench.py{' --full' if args.full else ''}`: {machine}; {time.perf_counter() - t0:.0f} s"

@@ -1,0 +1,29 @@
+"""bench.py's command line and one of its measurements (the timings themselves are the benchmark's, never a test's)."""
+
+import pytest
+import torch
+from conftest import run_script
+
+import bench
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_section_without_cuda_is_one_line():
+    proc = run_script("bench.py", "--only", "gpu", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: bench.py --only gpu needs a CUDA device") and "run the CPU sections" in last
+
+
+def test_unknown_section_is_refused_naming_the_sections():
+    proc = run_script("bench.py", "--only", "train,gpus", check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "unknown --only section(s) gpus" in last and "collect, eval, gpu, memory, train" in last
+
+
+def test_measure_eval_on_cpu_reports_the_context_bound_and_no_gpu_memory():
+    r = bench.measure_eval("compressed", True, 2, None, rss_at=(1, 2))
+    assert r["device"] == "cpu" and r["peak_gpu_mb"] is None and r["model"] == "random"
+    assert r["streams"] == 8 * 4 and r["episodes"] == 2 and r["steps_per_s"] > 0
+    assert 0 < r["longest_context"] <= r["n_transit"] and set(r["peak_rss_mb_after_episodes"]) == {1, 2}
