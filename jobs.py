@@ -54,8 +54,9 @@ def hand_over_core(running: dict) -> None:
 
 def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int = 2) -> None:
     """Run repo scripts `max_jobs` at a time (the next starts when one ends), one thread each (`OMP_NUM_THREADS=1`, and
-    `num_threads=1` for train.py), each logging to its own file: on a 2-core CPU two single-thread trainings finish sooner than the same two one after the
-    other with 2 threads each (docs/experiments.md E7). A failure stops the others and shows the failed job's log."""
+    `num_threads=1` for train.py), each logging to its own file: on a 2-core CPU two single-thread trainings finish
+    sooner than the same two one after the other with 2 threads each (docs/experiments.md E7). A failure stops the
+    others and shows the failed job's log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     queue, running = list(jobs.items()), {}
     start = time.perf_counter()
