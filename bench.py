@@ -223,8 +223,11 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)  # GPU kernels run asynchronously: wait before timing
     opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["weight_decay_on"]), lr=cfg["lr"], betas=(0.9, 0.99))
 
+    def batch_on_device(i: int) -> dict:
+        return {k: v.to(device) for k, v in data.batch(i).items()}
+
     def step(i: int, rows: int | None = None, f=fn) -> int:
-        batch = {k: v.to(device) for k, v in data.batch(i).items()}
+        batch = batch_on_device(i)
         with torch.autocast("cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=bf16):  # as accelerate does
             out = f({k: v[:rows] for k, v in batch.items()} if rows else batch)
         out["loss"].backward()
@@ -256,7 +259,7 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
     with FlopCounterMode(display=False) as counter:  # forward + backward FLOPs of one step (eager model)
         step(0, f=model)
-    saved = saved_activation_bytes(model, {k: v.to(device) for k, v in data.batch(0).items()})
+    saved = saved_activation_bytes(model, batch_on_device(0))
     step_s = statistics.median(times)  # robust to a step slowed by something else on the machine
     return {
         "mode": mode, "options": options, "batch_size": cfg["train_batch_size"], "seq_len": cfg["n_transit"],
@@ -371,7 +374,8 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
     from env import task_split
 
     model, cfg, trained = eval_model(mode, run_dir, device)
-    if device.startswith("cuda"):
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     test_goals = task_split(cfg, "test")
     longest, rss, steps_done = [0], {}, [0]
@@ -405,7 +409,7 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
         "longest_context": longest[0] if rss_at else None, "peak_rss_mb_after_episodes": rss,
         "mean_return": float(res["returns"].mean()), "baseline_rss_mb": base,
         "peak_rss_growth_mb": peak_rss_mb() - base if reset_ok else float("nan"), "torch_threads": torch.get_num_threads(),
-        "device": device, "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
+        "device": device, "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
     }
 
 

@@ -15,7 +15,7 @@ at any time and re-run the same command: finished stages are skipped.
   each, logging to RUN_DIR/train.log (--sequential: one after the other, progress bars on the terminal).
 - evaluate: skipped when eval_summary.json is an evaluation of this training's weights on --split with the same
   eval_* settings; otherwise evaluate.py replaces it (and says so). With >= 2 cores the two evaluations run at once,
-  one thread each, logging to RUN_DIR/eval.log (--sequential: one after the other, on the terminal).
+  one thread each, logging to RUN_DIR/evaluate.log (--sequential: one after the other, on the terminal).
 - compare: always rewritten from the two runs (compare.write_report).
 Overrides `key=value` apply to every stage (collect.py gets the collection keys); `standard.key=value` or
 `compressed.key=value` apply to one mode only. Run dirs: RUNS_ROOT/<run_name>-seed<seed> (the names train.py
@@ -182,13 +182,23 @@ def train_todo(plan: Plan) -> list[tuple[str, list[str]]]:
     return todo
 
 
-def stage_train(plan: Plan) -> None:
-    todo = train_todo(plan)
+def run_modes(plan: Plan, stage: str, script: str, todo: list[tuple[str, list[str]]], echo: bool = False) -> None:
+    """Run `script` for each (mode, arguments) of `todo`: at once with one thread each, each logging to
+    RUN_DIR/<stage>.log, where there are >= 2 cores and two jobs (`echo`: then print each log as the terminal would
+    have shown it); else one after the other on the terminal."""
     if len(todo) > 1 and plan.parallel:
-        run_concurrently({f"train {m}": ("train.py", args, plan.run_dirs[m] / "train.log") for m, args in todo})
+        logs = {m: plan.run_dirs[m] / f"{stage}.log" for m, _ in todo}
+        run_concurrently({f"{stage} {m}": (script, args, logs[m]) for m, args in todo})
+        for m in logs if echo else ():
+            say(f"{stage} {m}", f"{logs[m]}:")
+            print(log_text(logs[m]).strip(), flush=True)
         return
     for mode, args in todo:
-        run_stage(f"train {mode}", "train.py", args)
+        run_stage(f"{stage} {mode}", script, args)
+
+
+def stage_train(plan: Plan) -> None:
+    run_modes(plan, "train", "train.py", train_todo(plan))
 
 
 def eval_staleness(run_dir: Path, cfg: dict, split: str) -> str | None:
@@ -211,15 +221,7 @@ def eval_staleness(run_dir: Path, cfg: dict, split: str) -> str | None:
 
 
 def stage_evaluate(plan: Plan) -> None:
-    todo = eval_todo(plan)
-    if len(todo) > 1 and plan.parallel:
-        run_concurrently({f"evaluate {m}": ("evaluate.py", args, plan.run_dirs[m] / "eval.log") for m, args in todo})
-        for m, _ in todo:  # what each evaluation printed, as it would have been shown on the terminal
-            say(f"evaluate {m}", f"{plan.run_dirs[m] / 'eval.log'}:")
-            print(log_text(plan.run_dirs[m] / "eval.log").strip(), flush=True)
-        return
-    for mode, args in todo:
-        run_stage(f"evaluate {mode}", "evaluate.py", args)
+    run_modes(plan, "evaluate", "evaluate.py", eval_todo(plan), echo=True)  # the results, as evaluate.py prints them
 
 
 def eval_todo(plan: Plan) -> list[tuple[str, list[str]]]:
