@@ -201,8 +201,12 @@ def test_mode_compare_and_stage_errors(workflow, tiny_history, tmp_path):
     bad = run_script(EXAMPLE, "--mode", "compare", *example_args(tiny_history, root), check=False)
     assert_one_line_error(bad, "eval_summary.json not found")
     # a failing stage script ends the workflow with one line naming the stage
+    # (both evaluations fail and run at once: whichever exits first is named, with its own log)
     bad = run_script(EXAMPLE, "--mode", "evaluate", *example_args(tiny_history, tmp_path / "empty"), check=False)
-    assert_one_line_error(bad, "stage 'evaluate standard' failed")
+    assert_one_line_error(bad, "failed: ", "exited with 2")
+    last = bad.stderr.strip().splitlines()[-1]
+    mode = re.search(r"stage 'evaluate (standard|compressed)' failed", last).group(1)
+    assert "evaluate.log" not in last or f"{RUNS[mode]}/evaluate.log" in last, last
 
 
 def test_write_report_function(workflow, tmp_path):
