@@ -26,7 +26,8 @@ clone) it first collects 2 training goals with the default PPO config into datas
   randomly initialised model of the default config. A random model's token-type head says `</compress>` at
   random steps, so in compressed mode the head is biased never to say it and regions close by the
   `max_region_len` rule (every 82 steps; a trained model closes every 80), which is what a trained model costs.
-  `--run-dir` evaluates a trained checkpoint instead.
+  `--run-dir` evaluates a trained checkpoint instead. Summary tokens (config/model/ad_dr_summary.yaml) are timed the same
+  way (a summary is written at each close), and their cached time is compared with compressed AD's (bound 1.5x).
 - memory over a long evaluation: the peak RSS of one cached run after 1/5 of its episodes and at the end, and
   the longest context any stream held (must stay <= n_transit).
 - gpu (`--only gpu`, never by default): on cuda:0, both modes trained 300 steps in bf16, eager and `torch.compile`d
@@ -52,6 +53,9 @@ ROOT = Path(__file__).resolve().parent
 STANDARD_CONFIG = ROOT / "config" / "model" / "ad_dr.yaml"
 COMPRESSED_CONFIG = ROOT / "config" / "model" / "ad_dr_compressed.yaml"
 MODES = {"standard": STANDARD_CONFIG, "compressed": COMPRESSED_CONFIG}
+SUMMARY_CONFIG = ROOT / "config" / "model" / "ad_dr_summary.yaml"
+EVAL_MODES = {**MODES, "summary": SUMMARY_CONFIG}  # the evaluation and memory sections also time summary tokens
+SUMMARY_EVAL_RATIO = 1.5  # summary tokens' cached evaluation time / compressed AD's (the summary-token issue's bound)
 
 # targets (2-core CPU, default configs): the performance issue's, training as a multiple of the fp32 baseline
 COLLECT_81_S = 300.0
@@ -353,9 +357,10 @@ def eval_model(mode: str, run_dir: str | None, device: str = "cpu"):
         from evaluate import load_run
 
         model, cfg = load_run(Path(run_dir), [], device)
-        if cfg["use_compressed_context"] == (mode == "compressed"):
+        trained_mode = "summary" if cfg.get("use_summary") else "compressed" if cfg["use_compressed_context"] else "standard"
+        if trained_mode == mode:
             return model, cfg, True
-    cfg = load_config(MODES[mode])
+    cfg = load_config(EVAL_MODES[mode])
     torch.manual_seed(cfg["seed"])
     model = MODEL[cfg["model"]](ADConfig.from_dict(cfg)).eval()
     if cfg["use_compressed_context"]:
@@ -371,6 +376,7 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
     import torch
 
     import evaluate
+    import summary
     from env import task_split
 
     model, cfg, trained = eval_model(mode, run_dir, device)
@@ -381,7 +387,8 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
     longest, rss, steps_done = [0], {}, [0]
     if rss_at:
         marks = {n * cfg["horizon"]: n for n in rss_at}
-        logits = evaluate.Contexts.logits
+        contexts = summary.SummaryContexts if cfg.get("use_summary") else evaluate.Contexts
+        logits = contexts.logits
 
         def tracked(ctx, use_cache):
             if steps_done[0] in marks:  # before the step: exactly `n` episodes done
@@ -390,7 +397,7 @@ def measure_eval(mode: str, use_cache: bool, n_episodes: int, run_dir: str | Non
             longest[0] = max(longest[0], int(ctx.length.max()))
             return logits(ctx, use_cache)
 
-        evaluate.Contexts.logits = tracked
+        contexts.logits = tracked
     base = rss_mb()
     reset_ok = reset_peak_rss()
     start = time.perf_counter()
@@ -632,9 +639,9 @@ def bench_train(args, k: int, table: Table, res: dict, default: str) -> None:
 
 
 def bench_eval(args, k: int, threads: int, table: Table, res: dict) -> None:
-    """In-context evaluation speed, cached and uncached, per mode (and one thread)."""
+    """In-context evaluation speed, cached and uncached, per mode (and one thread); summary tokens against compressed."""
     ev = {}
-    for mode in MODES:
+    for mode in EVAL_MODES:
         for cached in (True, False):
             n = SIZES["eval_cached_episodes" if cached else "eval_uncached_episodes"][k]
             print(f"evaluation: {mode}, {'cached' if cached else 'uncached'}, {n} episodes ...", flush=True)
@@ -642,7 +649,7 @@ def bench_eval(args, k: int, threads: int, table: Table, res: dict) -> None:
                 {"kind": "eval", "mode": mode, "cached": cached, "episodes": n, "threads": args.threads,
                  "run_dir": args.run_dir}, args.retries)
     if threads != 1:  # one thread is slower on an idle machine but far steadier when other jobs share the cores
-        for mode in MODES:
+        for mode in EVAL_MODES:
             n = SIZES["eval_cached_episodes"][k]
             print(f"evaluation: {mode}, cached, {n} episodes, 1 thread ...", flush=True)
             ev[f"{mode}_cached_1-thread"] = run_worker({"kind": "eval", "mode": mode, "cached": True, "episodes": n,
@@ -654,17 +661,20 @@ def bench_eval(args, k: int, threads: int, table: Table, res: dict) -> None:
                   "{:.0f}", busy=r["busy"])
         table.add(f"eval {key.replace('_', ' ')}: 500 episodes ({how})", r["projected_500_s"], "{:.1f}",
                   EVAL_500_S if r["cached"] else None, upper=True, unit=" s", busy=r["busy"])
-    for mode in MODES:
+    for mode in EVAL_MODES:
         c, u = ev[f"{mode}_cached"], ev[f"{mode}_uncached"]
         table.add(f"eval {mode}: cached / uncached speed", c["steps_per_s"] / u["steps_per_s"], "{:.1f}", unit="x",
                   busy=c["busy"] + u["busy"])
+    s, c = ev["summary_cached"], ev["compressed_cached"]
+    table.add("eval summary / compressed: cached time", c["steps_per_s"] / s["steps_per_s"], "{:.2f}", SUMMARY_EVAL_RATIO,
+              upper=True, unit="x", busy=s["busy"] + c["busy"])
 
 
 def bench_memory(args, k: int, table: Table, res: dict) -> None:
     """Peak RSS of a long cached evaluation after 1/5 of its episodes and at the end; the longest context held."""
     short, long = SIZES["memory_episodes"][k]
     mem = {}
-    for mode in MODES:
+    for mode in EVAL_MODES:
         print(f"memory: {mode}, cached, RSS after {short} and {long} episodes ...", flush=True)
         r = mem[mode] = run_worker({"kind": "eval", "mode": mode, "cached": True, "episodes": long,
                                     "threads": args.threads, "run_dir": args.run_dir, "rss_at": [short, long]},

@@ -27,3 +27,11 @@ def test_measure_eval_on_cpu_reports_the_context_bound_and_no_gpu_memory():
     assert r["device"] == "cpu" and r["peak_gpu_mb"] is None and r["model"] == "random"
     assert r["streams"] == 8 * 4 and r["episodes"] == 2 and r["steps_per_s"] > 0
     assert 0 < r["longest_context"] <= r["n_transit"] and set(r["peak_rss_mb_after_episodes"]) == {1, 2}
+
+
+def test_measure_eval_times_summary_tokens_with_their_own_loop():
+    r = bench.measure_eval("summary", True, 5, None, rss_at=(1, 5))
+    assert r["model"] == "random" and r["streams"] == 8 * 4 and r["episodes"] == 5
+    # regions close at max_region_len (82 steps) on a random model: 5 x 20 steps = one close per stream
+    assert r["n_forced_closes"] == 8 * 4 and r["n_closes"] == 0
+    assert 0 < r["longest_context"] <= r["n_transit"] and set(r["peak_rss_mb_after_episodes"]) == {1, 5}
