@@ -13,7 +13,8 @@ Arms (docs/design.md §8; named by Darkroom's sizes, the windows are in rollouts
 - compressed-fixed: the compressed checkpoint, pruning every compress_interval steps whatever the head says.
 Optional arms (`--arms`; not in the default study, so its cost is unchanged):
 - compressed-stride<s> (s >= 2): compressed AD trained with region_stride=s (samples C r_{k-s} E C r_k), evaluated as
-  compressed;
+  compressed; compressed-stride<s>-any (s >= 1): the same with first_region_any=true (the one-region samples' region
+  drawn from the whole history, not only PPO's first s rollouts);
 - dpt: DPT (Lee et al. 2023), standard-240's model and window trained with target=oracle (the env's optimal action at
   every step; config/model/ad_dr_dpt.yaml on Darkroom), evaluated in context like AD;
 - searcher: the hand-written searcher with memory across episodes (searcher.py), on the same test streams
@@ -73,10 +74,12 @@ from plots import pyplot
 ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
 OPTIONAL_ARMS = ("compressed-adaptive", "dpt", "searcher", "ppo", "compressed-summary")  # and the patterns below
 REFERENCE_ARMS = ("searcher", "ppo")  # reference learners: no checkpoint, no temperature
-STRIDE_ARM = re.compile(r"compressed-stride([0-9]+)")  # compressed AD trained with region_stride=s
+STRIDE_ARM = re.compile(r"compressed-stride([0-9]+)(-any)?")  # compressed AD trained with region_stride=s (-any:
+# and first_region_any=true)
 REGIONS_ARM = re.compile(r"compressed-r([0-9]+)")  # compressed AD with max_regions=m (the compression-quality sweep)
 WINDOW_ARM = re.compile(r"standard-([0-9]+)")  # standard AD, a FIFO window of w / 80 rollouts (Darkroom's sizes)
-ARM_PATTERNS = ("compressed-stride<s> (s >= 2; compressed is stride 1), compressed-r<m> (m >= 1 regions), "
+ARM_PATTERNS = ("compressed-stride<s> (s >= 2; compressed is stride 1), compressed-stride<s>-any (s >= 1), "
+                "compressed-r<m> (m >= 1 regions), "
                 "standard-<w> (w = 80 k: a window of k >= 1 rollouts)")
 TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive, extra overrides from its n_steps);
     # compressed-fixed reuses compressed
@@ -108,6 +111,12 @@ def stride_of(arm: str) -> int | None:
     """s of an arm compressed-stride<s>, else None."""
     m = STRIDE_ARM.fullmatch(arm)
     return int(m.group(1)) if m else None
+
+
+def first_any_of(arm: str) -> bool:
+    """Is `arm` a compressed-stride<s>-any (trained with first_region_any=true)?"""
+    m = STRIDE_ARM.fullmatch(arm)
+    return bool(m and m.group(2))
 
 
 def regions_of(arm: str) -> int | None:
@@ -143,7 +152,7 @@ def trained_spec(arm: str):
     trained arm."""
     s, m, k = stride_of(arm), regions_of(arm), rollouts_of(arm)
     if s:
-        return "compressed", lambda n: [f"region_stride={s}"]
+        return "compressed", lambda n: [f"region_stride={s}", *(["first_region_any=true"] if first_any_of(arm) else [])]
     if m:
         return "compressed", lambda n: [f"max_regions={m}", f"n_transit={compressed_context(n, m)}"]
     if k and arm not in TRAINED:
@@ -159,7 +168,7 @@ def eval_prune_of(arm: str) -> str | None:
 def color_of(arm: str) -> str:
     s, m, k = stride_of(arm), regions_of(arm), rollouts_of(arm)
     if s:
-        return STRIDE_COLORS[s % len(STRIDE_COLORS)]
+        return STRIDE_COLORS[(s + 2 * first_any_of(arm)) % len(STRIDE_COLORS)]
     if m:
         return REGIONS_COLORS[m % len(REGIONS_COLORS)]
     return COLORS.get(arm) or WINDOW_COLORS[(k or 0) % len(WINDOW_COLORS)]
@@ -169,7 +178,7 @@ def parse_arms(text: str) -> list[str]:
     """--arms: a comma-separated list of the default and optional arms, or of the patterns (ARM_PATTERNS)."""
     allowed = ARMS + OPTIONAL_ARMS
     items = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in items if x not in allowed and not (stride_of(x) or 0) >= 2 and not regions_of(x)
+    bad = [x for x in items if x not in allowed and not (stride_of(x) or 0) >= 2 - first_any_of(x) and not regions_of(x)
            and not rollouts_of(x)]
     if bad or not items:
         raise UserError(f"--arms: {bad[0] if bad else 'nothing'} is not one of {', '.join(allowed)}, {ARM_PATTERNS}")
@@ -494,6 +503,7 @@ def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
     pairs = [("compressed", "standard-240"), ("compressed", "standard-160"), ("compressed", "compressed-fixed"),
              ("standard-160", "standard-240"), ("compressed-adaptive", "compressed"), ("dpt", "standard-240")]
     pairs += [(a, "compressed") for a in arms if stride_of(a)]
+    pairs += [(a, f"compressed-stride{stride_of(a)}") for a in arms if first_any_of(a) and stride_of(a) > 1]
     # summaries against pruning: at the compressed arm's budget, and at the same raw regions without summaries (the
     # summary configs keep 2 raw regions; compressed keeps 3 on Key-to-Door and Darkroom-permuted)
     pairs += [("compressed-summary", "compressed"), ("compressed-summary", "compressed-r2")]
@@ -627,6 +637,7 @@ def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | No
             "ppo": f"the source PPO's own learning per stream (each update pools a goal's {cfg.get('n_stream', '?')} "
                    "streams)"}
     size |= {a: f"compressed trained on regions {stride_of(a)} PPO updates apart (region_stride={stride_of(a)})"
+                + (", one-region samples drawn from the whole history (first_region_any=true)" if first_any_of(a) else "")
              for a in arms if stride_of(a)}
     size |= {a: f"compressed trained and evaluated with the last {regions_of(a)} region{'s' if regions_of(a) != 1 else ''} "
                 f"(max_regions={regions_of(a)}), closed by its </compress> head" for a in arms if regions_of(a)}

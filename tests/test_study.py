@@ -116,8 +116,8 @@ def test_study_refuses_bad_arguments(tmp_path):
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed,everything", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --arms: everything is not one of standard-240, standard-160, compressed, compressed-fixed, compressed-adaptive, "
-        "dpt, searcher, ppo, compressed-summary, compressed-stride<s> (s >= 2; compressed is stride 1), compressed-r<m> "
-        "(m >= 1 regions), standard-<w> (w = 80 k: a window of k >= 1 rollouts)"]
+        "dpt, searcher, ppo, compressed-summary, compressed-stride<s> (s >= 2; compressed is stride 1), compressed-stride<s>-any "
+        "(s >= 1), compressed-r<m> (m >= 1 regions), standard-<w> (w = 80 k: a window of k >= 1 rollouts)"]
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed-stride1", check=False)
     assert bad.returncode == 2 and "compressed-stride1 is not one of" in bad.stderr
     assert not any(tmp_path.iterdir())  # nothing written
@@ -179,6 +179,16 @@ def test_new_arms_train_evaluate_and_name_their_configs():
     assert cfg["region_stride"] == 3 and cfg["use_compressed_context"] and cfg["seed"] == 1 and cfg["lr"] == 0.002
     assert study.run_dir_of(study.Path("r"), "compressed-stride3", 1).name == "compressed-stride3-seed1"
     assert "eval_prune=model" in study.eval_spec(study.Path("r"), "compressed-stride3", 0, "val", 0.5, 1000, 4, [])["overrides"]
+    # -any: the same stride with the one-region samples drawn from the whole history; stride 1 allowed, compared pairwise
+    any_arms = ["compressed-stride1-any", "compressed-stride2-any"]
+    assert study.parse_arms(",".join(any_arms)) == any_arms
+    for arm, stride in (("compressed-stride1-any", 1), ("compressed-stride2-any", 2)):
+        cfg = load_config(*study.train_config(arm, 0, [], "darkroom"))
+        assert cfg["region_stride"] == stride and cfg["first_region_any"] and study.is_trained(arm)
+    assert not load_config(*study.train_config("compressed-stride2", 0, [], "darkroom"))["first_region_any"]
+    assert study.comparison_pairs(["compressed", "compressed-stride2", "compressed-stride2-any", "compressed-stride1-any"]) == [
+        ("compressed-stride2", "compressed"), ("compressed-stride2-any", "compressed"), ("compressed-stride1-any", "compressed"),
+        ("compressed-stride2-any", "compressed-stride2")]
     assert not study.is_trained("searcher") and not study.is_trained("ppo") and study.is_trained("dpt")
     # the dpt arm is config/model/ad_dr_dpt.yaml (standard-240's model and window, oracle targets) on Darkroom
     dpt = load_config(*study.train_config("dpt", 0, [], "darkroom"))
