@@ -103,6 +103,7 @@ COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": 
           "compressed-adaptive": "tab:purple", "PPO (source)": "tab:gray", "dpt": "tab:red", "searcher": "tab:brown",
           "ppo": "tab:gray", "compressed-summary": "tab:orange"}
 STRIDE_COLORS = ("tab:pink", "darkgreen", "lime", "teal")
+STRIDE_ANY_COLORS = ("gold", "sienna", "orchid", "black")  # compressed-stride<s>-any, by s
 REGIONS_COLORS = ("darkseagreen", "yellowgreen", "forestgreen", "darkolivegreen", "seagreen")  # by m
 WINDOW_COLORS = ("steelblue", "lightsteelblue", "navy", "slateblue", "royalblue")  # by k
 
@@ -168,7 +169,7 @@ def eval_prune_of(arm: str) -> str | None:
 def color_of(arm: str) -> str:
     s, m, k = stride_of(arm), regions_of(arm), rollouts_of(arm)
     if s:
-        return STRIDE_COLORS[(s + 2 * first_any_of(arm)) % len(STRIDE_COLORS)]
+        return (STRIDE_ANY_COLORS if first_any_of(arm) else STRIDE_COLORS)[s % len(STRIDE_COLORS)]
     if m:
         return REGIONS_COLORS[m % len(REGIONS_COLORS)]
     return COLORS.get(arm) or WINDOW_COLORS[(k or 0) % len(WINDOW_COLORS)]

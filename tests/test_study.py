@@ -186,6 +186,8 @@ def test_new_arms_train_evaluate_and_name_their_configs():
         cfg = load_config(*study.train_config(arm, 0, [], "darkroom"))
         assert cfg["region_stride"] == stride and cfg["first_region_any"] and study.is_trained(arm)
     assert not load_config(*study.train_config("compressed-stride2", 0, [], "darkroom"))["first_region_any"]
+    arms = ["compressed", "compressed-stride2", "compressed-stride4", *any_arms, "compressed-stride4-any", "dpt", "searcher"]
+    assert len({study.color_of(a) for a in arms}) == len(arms)  # each arm its own colour on the curves
     assert study.comparison_pairs(["compressed", "compressed-stride2", "compressed-stride2-any", "compressed-stride1-any"]) == [
         ("compressed-stride2", "compressed"), ("compressed-stride2-any", "compressed"), ("compressed-stride1-any", "compressed"),
         ("compressed-stride2-any", "compressed-stride2")]
