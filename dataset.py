@@ -26,7 +26,7 @@ from history import check_history, open_history
 from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, PAD_PREV, STEP, encode_prev, encode_state, n_state_ids
 from summary import SummarySampler
 
-SEQUENCE_KEYS = ("type_ids", "state_ids", "prev_ids", "target_action", "target_token_type")  # (B, T) batch entries
+SEQUENCE_KEYS = ("type_ids", "state_ids", "prev_ids", "target_action", "target_token_type", "region_ids")  # (B, T) entries
 READ = ("states", "actions", "rewards", "dones", "compress_start", "compress_end")  # the history fields training reads
 TARGETS = ("action", "oracle")  # `target`: the source's action (AD) or the env's optimal action (DPT)
 # training keys added after runs were trained: a saved config without one trained with this value
@@ -193,14 +193,16 @@ class HistoryDataset(IterableDataset):
 
     def final_contexts(self, goal: int) -> dict:
         """A batch of every stream of `goal` at the end of its history, as training sees it: the last region with the
-        regions kept before it (compressed) or the last `n_transit` steps (standard). `in_last` (S, L) marks the step
-        tokens of the last PPO rollout, whose actions PPO took after learning the most."""
-        self._refuse_summary("final_contexts")
+        regions kept before it (compressed; with summary tokens, also the pruned regions whose summaries the context
+        holds, in summary.py's layout) or the last `n_transit` steps (standard). `in_last` (S, L) marks the step tokens of
+        the last PPO rollout, whose actions PPO took after learning the most."""
         d = self.data[goal]
         T, S = d["actions"].shape
-        b, length = self._empty(S), 0
+        b, length = self._empty_for(S), 0
         for s in range(S):
-            if self.compressed:
+            if self.summary is not None:  # the raw regions ending at the last one, after the pruned ones' summaries
+                length = max(length, self.summary.put(b, s, d, s, len(d["regions"][s]) - 1))
+            elif self.compressed:
                 length = self._compressed_sample(b, s, d, s, len(d["regions"][s]) - 1)
             else:
                 length = self._put_steps(b, s, 0, d, s, max(T - self.n_transit, 0), T)
@@ -216,17 +218,18 @@ class HistoryDataset(IterableDataset):
 
     def region_contexts(self, goal: int, streams, k: int) -> dict:
         """A batch of the training context that ends with region `k` of each of `streams` of `goal` (compressed mode):
-        the sequences whose token-type targets say where region k closes."""
-        self._refuse_summary("region_contexts")
+        the sequences whose token-type targets say where region k closes (summary mode: the training sample of
+        summary.py, pruned regions and their summaries first)."""
         d = self.data[goal]
-        b, length = self._empty(len(streams)), 0
+        b, length = self._empty_for(len(streams)), 0
         for i, s in enumerate(streams):
-            length = max(length, self._compressed_sample(b, i, d, s, k))
+            put = self.summary.put if self.summary is not None else self._compressed_sample
+            length = max(length, put(b, i, d, s, k))
         return self._trim(b, length)
 
-    def _refuse_summary(self, what: str) -> None:
-        if self.summary is not None:  # these contexts have no summary layout (summary.py); the model would see them unmasked
-            raise UserError(f"{what} (probe.py) does not support use_summary=true yet; use evaluate.py for summary runs")
+    def _empty_for(self, n: int) -> dict:
+        """Padding for n contexts of this mode: summary.py's layout (pruned regions and their summaries first) or ours."""
+        return self.summary.empty(n) if self.summary is not None else self._empty(n)
 
     @staticmethod
     def _trim(b: dict, length: int) -> dict:

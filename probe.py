@@ -7,7 +7,9 @@
    the context the model sees in training: the regions kept before it (compressed mode, `C r_{K-2} E C r_{K-1}` for
    max_regions=2) or the last `n_transit` steps (standard mode). By then PPO has found the goal, so a model that reads
    the goal from the rewards in its context scores high on every goal; one that memorised the training goals does not.
-   Seconds, no rollout: the cheap signal to check early in a tuning run (docs/experiments.md).
+   Seconds, no rollout: the cheap signal to check early in a tuning run (docs/experiments.md). Summary-token runs
+   (use_summary=true) read summary.py's training samples: the raw regions, and in front of them the pruned regions
+   whose summaries the context holds, with the summary mask.
 2. Compressed mode: teacher-forced `</compress>` precision / recall on the held-out histories' regions, separately for
    regions with a previous region in context and for first regions, next to a position-only baseline (close after the
    most common region length of the training goals): what the head reads from its context beyond position. With one

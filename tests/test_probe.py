@@ -176,3 +176,65 @@ def test_probe_reads_the_histories_of_another_collection(adaptive_history, strea
     other.write_text(other.read_text().replace("horizon: 25\n", "") + "n_steps: [10, 40]\n")
     with pytest.raises(UserError, match="rollouts of 40 steps, longer than the run's compress_interval=20"):
         with_histories(cfg, str(other))
+
+
+# ---- summary tokens: probe.py reads summary runs with the contexts they were trained on -------------------------------
+SUMMARY_TINY = ["n_summary=2", "max_summaries=2", "n_transit=48"]  # 2 x (20 + 2 + 2) - 1 - 2 = 45 raw positions
+
+
+class ScriptedSummary(Scripted):
+    """Scripted on summary.py's layout: the last region starts after the last <compress> (pruned regions come first)."""
+
+    def forward(self, b):
+        tgt = b["target_action"]
+        pos = torch.arange(tgt.shape[1])[None]
+        last = pos > torch.where(b["type_ids"] == COMPRESS_START, pos, -1).amax(1, keepdim=True)
+        right = last if self.right_on_last else ~last
+        a = tgt.clamp(min=0)
+        return {"logits_action": F.one_hot(torch.where(right, a, (a + 1) % 5), 5).float()}
+
+
+def summary_cfg(tiny_history) -> dict:
+    return load_config("config/model/ad_dr_summary.yaml", list(tiny_history["compressed"]) + SUMMARY_TINY)
+
+
+@pytest.mark.parametrize("right_on_last", [True, False])
+def test_last_region_accuracy_of_a_summary_run_reads_the_summary_layout(tiny_history, right_on_last):
+    from dataset import HistoryDataset
+    from model.ad import SUMMARY
+
+    cfg = summary_cfg(tiny_history)
+    acc = last_region_accuracy(ScriptedSummary(True, cfg["n_steps"], right_on_last), cfg, "test")
+    assert sorted(acc) == [38, 51]
+    assert all(a == (1.0 if right_on_last else 0.0) for a in acc.values())
+    b = HistoryDataset(tiny_history["path"], cfg, "test", batch_size=1, seed=0).final_contexts(38)
+    # 4 regions of 20 steps per stream: regions 0 and 1 pruned (their summaries kept), 2 and 3 raw, the last one open
+    assert b["first_raw"].tolist() == [2] * 4 and b["region_ids"].max() == 3
+    assert int((b["type_ids"][0] >= SUMMARY).sum()) == 3 * 2  # summaries of regions 0, 1 and the closed raw region 2
+    assert int(b["in_last"].sum()) == 4 * 20  # the last region's steps of every stream, nothing of the pruned ones
+
+
+def test_boundary_report_of_a_summary_run_finds_the_newest_region(tiny_history):
+    """A closer that counts 20 steps from the last <compress> is exact on 20-step rollouts: in the summary layout too,
+    the newest region (the targets the report scores) is the one after the last <compress>."""
+    from probe import boundary_report
+
+    r = boundary_report(ScriptedCloser(20, read_context=False), summary_cfg(tiny_history), "test")
+    for group in ("with_previous", "first"):
+        assert r[group]["precision"] == r[group]["recall"] == 1.0
+    assert r["with_previous"]["n_true"] == 2 * 4 * 3 and r["first"]["n_true"] == 2 * 4  # 2 goals x 4 streams
+
+
+def test_probe_cli_on_a_summary_run(tiny_history, tmp_path):
+    from conftest import run_script
+
+    from model import AD, ADConfig
+
+    cfg = summary_cfg(tiny_history)
+    torch.manual_seed(0)
+    run_dir = tmp_path / "summary-run"
+    run_dir.mkdir()
+    torch.save({"config": cfg, "model": AD(ADConfig.from_dict(cfg)).state_dict(), "step": 0}, run_dir / "ckpt.pt")
+    out = run_script("probe.py", "--run-dir", str(run_dir), "--split", "test", "eval_episodes=2", "eval_streams=1").stdout
+    assert "teacher-forced acc, last region of the test goals' histories" in out
+    assert "teacher-forced </compress>" in out and "in-context, 2 episodes" in out
