@@ -19,8 +19,10 @@ clone) it first collects 2 training goals with the default PPO config into datas
   step, and the bytes of activations autograd saves for backward in one step. Options, each measured on its own
   against the baseline of this same run (fp32, torch's default threads, eager): `mixed_precision=bf16`,
   `compile=true` (with bf16), one thread; and the two modes trained at once, one thread each (what the workflow
-  and the study do). FLOPs per step are counted with torch's FlopCounterMode; the limit is the measured matmul
-  rate of this CPU at the model's shapes (fp32 and bf16); a profile (torch.profiler) says where a step's time goes.
+  and the study do); summary tokens (config/model/ad_dr_summary.yaml, max_summaries pruned regions in front of
+  every sample) at the default precision, one thread, against compressed AD's same option. FLOPs per step are
+  counted with torch's FlopCounterMode; the limit is the measured matmul rate of this CPU at the model's shapes
+  (fp32 and bf16); a profile (torch.profiler) says where a step's time goes.
 - projection: the default main job (collect, train both modes at once, evaluate both) from the measured parts.
 - evaluation: `evaluate.run_in_context` on the 8 held-out goals x `eval_streams`, cached and uncached, on a
   randomly initialised model of the default config. A random model's token-type head says `</compress>` at
@@ -196,7 +198,8 @@ def saved_activation_bytes(model, batch) -> int:
 def train_config(mode: str, options: dict) -> dict:
     from common import load_config
 
-    return load_config(MODES[mode], [f"{k}={v}" for k, v in options.items() if k in ("mixed_precision", "traj_dir")])
+    keys = [f"{k}={v}" for k, v in options.items() if k in ("mixed_precision", "traj_dir")]
+    return load_config(EVAL_MODES[mode], keys + list(options.get("overrides", ())))  # overrides: tests' tiny histories
 
 
 def uses_bf16(cfg: dict, on_gpu: bool = False) -> bool:
@@ -267,6 +270,8 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     step_s = statistics.median(times)  # robust to a step slowed by something else on the machine
     return {
         "mode": mode, "options": options, "batch_size": cfg["train_batch_size"], "seq_len": cfg["n_transit"],
+        "tokens_per_sample": float(statistics.mean(data.batch(i)["type_ids"].shape[1]
+                                                   for i in range(n_warmup, n_warmup + n_steps))),
         "steps": n_steps, "threads": torch.get_num_threads(), "warmup_s": warmup_s,
         "median_step_s": step_s, "mean_step_s": sum(times) / n_steps,
         "steps_per_s": 1 / step_s, "targets_per_s": targets / n_steps / step_s, "targets_per_step": targets / n_steps,
@@ -590,12 +595,18 @@ def bench_train(args, k: int, table: Table, res: dict, default: str) -> None:
     print(f"training: both modes at once, default precision ({default}), 1 thread each ...", flush=True)
     pair = run_workers_at_once([{"kind": "train", "mode": m, "steps": n, "warmup": warm, "threads": 1,
                                  "options": {"mixed_precision": default, **traj}} for m in MODES])
+    one_thread = f"default ({ {'no': 'fp32', 'bf16': 'bf16'}[default]}), 1 thread"
+    print(f"training: summary tokens, {one_thread} ...", flush=True)
+    summ = max((run_worker({"kind": "train", "mode": "summary", "steps": n, "warmup": warm, "threads": 1,
+                            "options": {"mixed_precision": default, **traj}}, args.retries)
+                for _ in range(SIZES["train_repeats"][k])), key=lambda x: x["steps_per_s"])
     print("profile and matmul peak ...", flush=True)
     prof = {(m, p): run_worker({"kind": "profile", "mode": m, "threads": args.threads,
                                 "options": {"mixed_precision": p, **traj}}) for m in MODES for p in ("no", "bf16")}
     peak = run_worker({"kind": "matmul", "mode": "standard", "threads": args.threads, "options": traj})
     res["train"] = {f"{m}/{name}": r for (m, name), r in tr.items()} | {
-        "pair_1_thread_each": pair, "profile": {f"{m}/{p}": r for (m, p), r in prof.items()}, "matmul_peak": peak}
+        "pair_1_thread_each": pair, "summary_1_thread": summ, "profile": {f"{m}/{p}": r for (m, p), r in prof.items()},
+        "matmul_peak": peak}
     baseline, default_name = next(iter(variants)), {"no": "baseline (fp32, eager)", "bf16": "bf16"}[default]
     for mode in MODES:
         base = tr[mode, baseline]
@@ -631,6 +642,10 @@ def bench_train(args, k: int, table: Table, res: dict, default: str) -> None:
     s, c = tr["standard", default_name], tr["compressed", default_name]
     table.add(f"train compressed / standard steps/s ({default_name})", c["steps_per_s"] / s["steps_per_s"], "{:.2f}",
               COMPRESSED_SPEEDUP, busy=s["busy"] + c["busy"])
+    c1 = tr["compressed", one_thread]  # summary tokens: max_summaries pruned regions in front of every sample
+    table.add(f"train summary / compressed: step time ({one_thread}; {summ['tokens_per_sample']:.0f} vs "
+              f"{c1['tokens_per_sample']:.0f} tokens per sample)", c1["steps_per_s"] / summ["steps_per_s"], "{:.2f}", unit="x",
+              busy=summ["busy"] + c1["busy"])
     table.add("train memory reduction (saved activations)", 1 - c["saved_activations_mb"] / s["saved_activations_mb"],
               "{:.3f}", MEMORY_REDUCTION)
     table.add("train memory reduction (peak RSS growth)", 1 - c["peak_rss_growth_mb"] / s["peak_rss_growth_mb"],

@@ -35,3 +35,14 @@ def test_measure_eval_times_summary_tokens_with_their_own_loop():
     # regions close at max_region_len (82 steps) on a random model: 5 x 20 steps = one close per stream
     assert r["n_forced_closes"] == 8 * 4 and r["n_closes"] == 0
     assert 0 < r["longest_context"] <= r["n_transit"] and set(r["peak_rss_mb_after_episodes"]) == {1, 5}
+
+
+def test_measure_training_times_summary_tokens_on_their_longer_samples(tiny_history):
+    """The training section times summary tokens on their own samples: the pruned regions in front of the raw ones
+    make a summary step longer than compressed AD's on the same history."""
+    import bench
+
+    opts = {"mixed_precision": "no", "overrides": [*tiny_history["compressed"], "n_summary=2", "max_summaries=2"]}
+    summ, comp = (bench.measure_training(m, 1, 1, opts) for m in ("summary", "compressed"))
+    assert bench.train_config("summary", opts)["use_summary"] and not bench.train_config("compressed", opts).get("use_summary")
+    assert summ["tokens_per_sample"] > comp["tokens_per_sample"] and summ["steps_per_s"] > 0
