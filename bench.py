@@ -230,8 +230,12 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)  # GPU kernels run asynchronously: wait before timing
     opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["weight_decay_on"]), lr=cfg["lr"], betas=(0.9, 0.99))
 
+    lengths = {}  # step -> tokens per sample of its batch (batches are trimmed to their longest sample)
+
     def batch_on_device(i: int) -> dict:
-        return {k: v.to(device) for k, v in data.batch(i).items()}
+        b = data.batch(i)
+        lengths[i] = b["type_ids"].shape[1]
+        return {k: v.to(device) for k, v in b.items()}
 
     def step(i: int, rows: int | None = None, f=fn) -> int:
         batch = batch_on_device(i)
@@ -270,8 +274,7 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     step_s = statistics.median(times)  # robust to a step slowed by something else on the machine
     return {
         "mode": mode, "options": options, "batch_size": cfg["train_batch_size"], "seq_len": cfg["n_transit"],
-        "tokens_per_sample": float(statistics.mean(data.batch(i)["type_ids"].shape[1]
-                                                   for i in range(n_warmup, n_warmup + n_steps))),
+        "tokens_per_sample": float(statistics.mean(lengths[i] for i in range(n_warmup, n_warmup + n_steps))),
         "steps": n_steps, "threads": torch.get_num_threads(), "warmup_s": warmup_s,
         "median_step_s": step_s, "mean_step_s": sum(times) / n_steps,
         "steps_per_s": 1 / step_s, "targets_per_s": targets / n_steps / step_s, "targets_per_step": targets / n_steps,
@@ -595,7 +598,7 @@ def bench_train(args, k: int, table: Table, res: dict, default: str) -> None:
     print(f"training: both modes at once, default precision ({default}), 1 thread each ...", flush=True)
     pair = run_workers_at_once([{"kind": "train", "mode": m, "steps": n, "warmup": warm, "threads": 1,
                                  "options": {"mixed_precision": default, **traj}} for m in MODES])
-    one_thread = f"default ({ {'no': 'fp32', 'bf16': 'bf16'}[default]}), 1 thread"
+    one_thread = next(name for name in variants if "1 thread" in name)  # the default, 1 thread (train_variants)
     print(f"training: summary tokens, {one_thread} ...", flush=True)
     summ = max((run_worker({"kind": "train", "mode": "summary", "steps": n, "warmup": warm, "threads": 1,
                             "options": {"mixed_precision": default, **traj}}, args.retries)

@@ -24,9 +24,8 @@ from common import UserError
 from env import task_family, task_split
 from history import check_history, open_history
 from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, PAD_PREV, STEP, encode_prev, encode_state, n_state_ids
-from summary import SummarySampler
+from summary import SummarySampler, trim
 
-SEQUENCE_KEYS = ("type_ids", "state_ids", "prev_ids", "target_action", "target_token_type", "region_ids")  # (B, T) entries
 READ = ("states", "actions", "rewards", "dones", "compress_start", "compress_end")  # the history fields training reads
 TARGETS = ("action", "oracle")  # `target`: the source's action (AD) or the env's optimal action (DPT)
 # training keys added after runs were trained: a saved config without one trained with this value
@@ -189,7 +188,7 @@ class HistoryDataset(IterableDataset):
             length = max(length, end)
         # a batch is as long as its longest sample: the causal model never looks at trailing padding, so dropping it
         # changes no output and saves compute (a compressed pair is 163 of the 168 positions of n_transit)
-        return self._trim(b, length)
+        return trim(b, length)
 
     def final_contexts(self, goal: int) -> dict:
         """A batch of every stream of `goal` at the end of its history, as training sees it: the last region with the
@@ -200,10 +199,8 @@ class HistoryDataset(IterableDataset):
         T, S = d["actions"].shape
         b, length = self._empty_for(S), 0
         for s in range(S):
-            if self.summary is not None:  # the raw regions ending at the last one, after the pruned ones' summaries
-                length = max(length, self.summary.put(b, s, d, s, len(d["regions"][s]) - 1))
-            elif self.compressed:
-                length = self._compressed_sample(b, s, d, s, len(d["regions"][s]) - 1)
+            if self.compressed:
+                length = max(length, self._region_sample(b, s, d, s, len(d["regions"][s]) - 1))
             else:
                 length = self._put_steps(b, s, 0, d, s, max(T - self.n_transit, 0), T)
         idx = np.arange(length)[None]
@@ -212,7 +209,7 @@ class HistoryDataset(IterableDataset):
             in_last = idx > last_c
         else:  # the window ends at the history's end; the last rollout starts after the stream's next-to-last </compress>
             in_last = idx >= length - (T - last_rollout_starts(d["compress_end"])[:, None])
-        out = self._trim(b, length)
+        out = trim(b, length)
         out["in_last"] = torch.from_numpy(in_last & (out["target_action"].numpy() != IGNORE))
         return out
 
@@ -223,17 +220,16 @@ class HistoryDataset(IterableDataset):
         d = self.data[goal]
         b, length = self._empty_for(len(streams)), 0
         for i, s in enumerate(streams):
-            put = self.summary.put if self.summary is not None else self._compressed_sample
-            length = max(length, put(b, i, d, s, k))
-        return self._trim(b, length)
+            length = max(length, self._region_sample(b, i, d, s, k))
+        return trim(b, length)
 
     def _empty_for(self, n: int) -> dict:
         """Padding for n contexts of this mode: summary.py's layout (pruned regions and their summaries first) or ours."""
         return self.summary.empty(n) if self.summary is not None else self._empty(n)
 
-    @staticmethod
-    def _trim(b: dict, length: int) -> dict:
-        return {k: torch.from_numpy(np.ascontiguousarray(v[:, :length]) if k in SEQUENCE_KEYS else v) for k, v in b.items()}
+    def _region_sample(self, b, i, d, stream, k) -> int:
+        """Row i := the training context whose newest region is k (summary.py's layout with summaries); its length."""
+        return self.summary.put(b, i, d, stream, k) if self.summary is not None else self._compressed_sample(b, i, d, stream, k)
 
     def _empty(self, n: int) -> dict:
         L = self.n_transit

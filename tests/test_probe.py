@@ -21,8 +21,8 @@ class Scripted(torch.nn.Module):
     def forward(self, b):
         tgt = b["target_action"]
         pos = torch.arange(tgt.shape[1])[None]
-        if self.compressed:  # the last region starts after </compress> (every sample here is a pair)
-            last = pos > (b["type_ids"] == COMPRESS_END).float().argmax(1, keepdim=True)
+        if self.compressed:  # the last region starts after the last <compress> (pairs, and summary.py's layout)
+            last = pos > torch.where(b["type_ids"] == COMPRESS_START, pos, -1).amax(1, keepdim=True)
         else:
             n_valid = (tgt != IGNORE).sum(1, keepdim=True)
             last = (pos >= n_valid - self.n_steps) & (pos < n_valid)
@@ -182,18 +182,6 @@ def test_probe_reads_the_histories_of_another_collection(adaptive_history, strea
 SUMMARY_TINY = ["n_summary=2", "max_summaries=2", "n_transit=48"]  # 2 x (20 + 2 + 2) - 1 - 2 = 45 raw positions
 
 
-class ScriptedSummary(Scripted):
-    """Scripted on summary.py's layout: the last region starts after the last <compress> (pruned regions come first)."""
-
-    def forward(self, b):
-        tgt = b["target_action"]
-        pos = torch.arange(tgt.shape[1])[None]
-        last = pos > torch.where(b["type_ids"] == COMPRESS_START, pos, -1).amax(1, keepdim=True)
-        right = last if self.right_on_last else ~last
-        a = tgt.clamp(min=0)
-        return {"logits_action": F.one_hot(torch.where(right, a, (a + 1) % 5), 5).float()}
-
-
 def summary_cfg(tiny_history) -> dict:
     return load_config("config/model/ad_dr_summary.yaml", list(tiny_history["compressed"]) + SUMMARY_TINY)
 
@@ -204,7 +192,7 @@ def test_last_region_accuracy_of_a_summary_run_reads_the_summary_layout(tiny_his
     from model.ad import SUMMARY
 
     cfg = summary_cfg(tiny_history)
-    acc = last_region_accuracy(ScriptedSummary(True, cfg["n_steps"], right_on_last), cfg, "test")
+    acc = last_region_accuracy(Scripted(True, cfg["n_steps"], right_on_last), cfg, "test")
     assert sorted(acc) == [38, 51]
     assert all(a == (1.0 if right_on_last else 0.0) for a in acc.values())
     b = HistoryDataset(tiny_history["path"], cfg, "test", batch_size=1, seed=0).final_contexts(38)
@@ -217,9 +205,18 @@ def test_last_region_accuracy_of_a_summary_run_reads_the_summary_layout(tiny_his
 def test_boundary_report_of_a_summary_run_finds_the_newest_region(tiny_history):
     """A closer that counts 20 steps from the last <compress> is exact on 20-step rollouts: in the summary layout too,
     the newest region (the targets the report scores) is the one after the last <compress>."""
+    from model.ad import SUMMARY
     from probe import boundary_report
 
-    r = boundary_report(ScriptedCloser(20, read_context=False), summary_cfg(tiny_history), "test")
+    class Recording(ScriptedCloser):  # what the report gives the model: summary.py's layout, summaries included
+        def forward(self, b):
+            self.seen.append(("region_ids" in b, int((b["type_ids"] >= SUMMARY).sum(1).max())))
+            return super().forward(b)
+
+    closer = Recording(20, read_context=False)
+    closer.seen = []
+    r = boundary_report(closer, summary_cfg(tiny_history), "test")
+    assert all(has_regions for has_regions, _ in closer.seen) and max(n for _, n in closer.seen) == 3 * 2
     for group in ("with_previous", "first"):
         assert r[group]["precision"] == r[group]["recall"] == 1.0
     assert r["with_previous"]["n_true"] == 2 * 4 * 3 and r["first"]["n_true"] == 2 * 4  # 2 goals x 4 streams
