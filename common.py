@@ -38,7 +38,7 @@ SCHEMA: dict[str, type] = {
     "alg": str, "alg_seed": int, "n_steps": (int, list), "n_steps_per": str, "n_stream": int, "total_source_timesteps": int,
     "ppo_batch_size": int, "ppo_n_epochs": int, "ppo_lr": float, "ppo_ent_coef": float,
     "ppo_gamma": float, "ppo_gae_lambda": float, "ppo_clip_range": float, "ppo_net_arch": int,
-    "ppo_observe_stage": bool, "n_process": int, "traj_dir": str,
+    "ppo_observe_stage": bool, "ppo_fused_adam": bool, "n_process": int, "traj_dir": str,
     # model
     "model": str, "run_name": str, "use_compressed_context": bool, "n_transit": int,
     "compress_interval": int, "max_regions": int, "token_type_loss_weight": float, "min_source_return": float,
@@ -63,7 +63,7 @@ ENV_KEYS = ("env", "grid_size", "horizon", "env_split_seed", "train_env_ratio", 
 COLLECTION_KEYS = ENV_KEYS + (
     "alg", "alg_seed", "n_steps", "n_steps_per", "n_stream", "total_source_timesteps", "ppo_batch_size", "ppo_n_epochs",
     "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda", "ppo_clip_range", "ppo_net_arch", "ppo_observe_stage",
-    "n_process", "traj_dir",
+    "ppo_fused_adam", "n_process", "traj_dir",
 )
 POSITIVE = {
     "grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps", "ppo_batch_size",

@@ -2,6 +2,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY_COLLECT, run_script
 
 from env import Darkroom, goal_to_pos
 
@@ -140,3 +141,30 @@ def test_rollout_length_per_stream_needs_a_stream_per_length():
     with pytest.raises(UserError, match="n_stream=2 is fewer than the 3 lengths"):
         load_config("config/algorithm/ppo_darkroom.yaml", ["n_steps=[10, 20, 40]", "n_steps_per=stream", "n_stream=2",
                                                            "total_source_timesteps=80"])
+
+
+def test_fused_adam_is_a_collection_key_that_reaches_sb3(tiny_history, tmp_path):
+    """`ppo_fused_adam: true` gives SB3's PPO torch's fused Adam (with SB3's own eps), is stored in the file, and a file
+    collected without it (or before the key existed) is refused for a config that sets it."""
+    from stable_baselines3 import PPO
+
+    from collect import adam_kwargs
+    from common import UserError, load_config
+    from env.registry import task_family
+    from history import check_history, open_history
+
+    cfg = load_config("config/algorithm/ppo_darkroom.yaml", TINY_COLLECT + ["ppo_fused_adam=true"])
+    assert adam_kwargs(cfg) == {"eps": 1e-5, "fused": True}
+    assert adam_kwargs({**cfg, "ppo_fused_adam": False}) == {"eps": 1e-5}  # SB3's default for PPO
+    venv = task_family(cfg).vec_env(cfg, 2, 0)
+    opt = PPO("MlpPolicy", venv, n_steps=20, batch_size=20, policy_kwargs={"optimizer_kwargs": adam_kwargs(cfg)},
+              device="cpu").policy.optimizer
+    assert opt.defaults["fused"] is True and opt.defaults["eps"] == 1e-5
+
+    run_script("collect.py", "--goals", "0", *TINY_COLLECT, "ppo_fused_adam=true", f"traj_dir={tmp_path}")
+    with open_history(tmp_path / "history_darkroom_PPO_alg-seed42.hdf5") as f:
+        assert yaml.safe_load(f.attrs["collect_keys"])["ppo_fused_adam"] is True
+        check_history(f, "fused.hdf5", cfg)  # fits its own config
+    with open_history(tiny_history["path"]) as f, pytest.raises(
+            UserError, match=r"collected with ppo_fused_adam=False \(config: True\)"):
+        check_history(f, "tiny.hdf5", cfg)

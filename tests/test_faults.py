@@ -235,13 +235,14 @@ def test_collect_starts_clean_from_a_stale_partial_file(kind, tmp_path):
 
 
 def test_collect_resumes_a_partial_file_written_before_a_collection_key_with_a_default(tiny_history, tmp_path):
-    """A `.partial` whose collect_keys predate a key added later with a default (n_steps_per, ppo_observe_stage) is the
-    same collection, as a finished file of that age is: its goals are recovered, not collected again."""
+    """A `.partial` whose collect_keys predate keys added later with a default (n_steps_per, ppo_observe_stage,
+    ppo_fused_adam) is the same collection, as a finished file of that age is: its goals are recovered, not collected
+    again."""
     partial = tmp_path / (HISTORY + ".partial")
     shutil.copy(tiny_history["path"], partial)
     with h5py.File(partial, "a") as f:
         keys = yaml.safe_load(f.attrs["collect_keys"])
-        del keys["n_steps_per"], keys["ppo_observe_stage"]
+        del keys["n_steps_per"], keys["ppo_observe_stage"], keys["ppo_fused_adam"]
         f.attrs["collect_keys"] = yaml.safe_dump(keys)
     first = str(tiny_history["goals"][0])
     res = run_script("collect.py", "--goals", first, *TINY_COLLECT, f"traj_dir={tmp_path}").stdout
