@@ -19,7 +19,7 @@ clone) it first collects 2 training goals with the default PPO config into datas
   step, and the bytes of activations autograd saves for backward in one step. Options, each measured on its own
   against the baseline of this same run (fp32, torch's default threads, eager): `mixed_precision=bf16`,
   `compile=true` (with bf16), one thread; and the two modes trained at once, one thread each (what the workflow
-  and the study do); summary tokens (config/model/ad_dr_summary.yaml, max_summaries pruned regions in front of
+  and the study do); summary tokens (config/model/ad_dr_summary.yaml, summary_train_regions pruned regions in front of
   every sample) at the default precision, one thread, against compressed AD's same option. FLOPs per step are
   counted with torch's FlopCounterMode; the limit is the measured matmul rate of this CPU at the model's shapes
   (fp32 and bf16); a profile (torch.profiler) says where a step's time goes.
@@ -645,7 +645,7 @@ def bench_train(args, k: int, table: Table, res: dict, default: str) -> None:
     s, c = tr["standard", default_name], tr["compressed", default_name]
     table.add(f"train compressed / standard steps/s ({default_name})", c["steps_per_s"] / s["steps_per_s"], "{:.2f}",
               COMPRESSED_SPEEDUP, busy=s["busy"] + c["busy"])
-    c1 = tr["compressed", one_thread]  # summary tokens: max_summaries pruned regions in front of every sample
+    c1 = tr["compressed", one_thread]  # summary tokens: summary_train_regions pruned regions in front of every sample
     table.add(f"train summary / compressed: step time ({one_thread}; {summ['tokens_per_sample']:.0f} vs "
               f"{c1['tokens_per_sample']:.0f} tokens per sample)", c1["steps_per_s"] / summ["steps_per_s"], "{:.2f}", unit="x",
               busy=summ["busy"] + c1["busy"])

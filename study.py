@@ -23,9 +23,9 @@ Optional arms (`--arms`; not in the default study, so its cost is unchanged):
   streams); not trained or evaluated, no temperature.
 - compressed-adaptive: compressed AD on Darkroom histories whose rollout length differs by stream (its own file).
 - compressed-summary: compressed AD with summary tokens (summary.py): max_regions raw regions plus the summaries
-  of older ones, the env's config/model/ad_{dr,kd,dp}_summary.yaml, evaluated with the model's `</compress>`;
-  compressed-summary-recurrent: the same config with one recurrent summary (summary_mode=recurrent, max_summaries=1),
-  trained 3 pruned regions back as accumulate is: the two variants side by side, to choose on validation goals;
+  of older ones, the env's config/model/ad_{dr,kd,dp}_summary.yaml (one recurrent summary, chosen on validation goals:
+  docs/experiments.md E41), evaluated with the model's `</compress>`; compressed-summary-accumulate: the same config
+  with the other variant (summary_mode=accumulate: the summaries of the last 3 pruned regions kept, trained as far back);
 - the compression-quality sweep: standard-<w> (w = 80 k: a FIFO window of k rollouts, e.g. standard-80, standard-320) and
   compressed-r<m> (compressed AD trained and evaluated with max_regions=m, n_transit sized for it; the m of the env's
   compressed config is the compressed arm itself and is refused).
@@ -75,7 +75,7 @@ from plots import pyplot
 
 ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
 OPTIONAL_ARMS = ("compressed-adaptive", "dpt", "searcher", "ppo", "compressed-summary",
-                 "compressed-summary-recurrent")  # and the patterns below
+                 "compressed-summary-accumulate")  # and the patterns below
 REFERENCE_ARMS = ("searcher", "ppo")  # reference learners: no checkpoint, no temperature
 STRIDE_ARM = re.compile(r"compressed-stride([0-9]+)(-any)?")  # compressed AD trained with region_stride=s (-any:
 # and first_region_any=true)
@@ -84,7 +84,7 @@ WINDOW_ARM = re.compile(r"standard-([0-9]+)")  # standard AD, a FIFO window of w
 ARM_PATTERNS = ("compressed-stride<s> (s >= 2; compressed is stride 1), compressed-stride<s>-any (s >= 1), "
                 "compressed-r<m> (m >= 1 regions), "
                 "standard-<w> (w = 80 k: a window of k >= 1 rollouts)")
-RECURRENT_TRAIN_REGIONS = 3  # compressed-summary-recurrent's summary_train_regions: the summary configs' max_summaries
+ACCUMULATE_SUMMARIES = 3  # compressed-summary-accumulate's max_summaries: the summary configs' summary_train_regions
 TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive, extra overrides from its n_steps);
     # compressed-fixed reuses compressed
     "standard-240": ("standard", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}"]),
@@ -93,22 +93,25 @@ TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive,
     "compressed-adaptive": ("adaptive", lambda n: []),
     "dpt": ("standard", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}", "target=oracle"]),
     "compressed-summary": ("summary", lambda n: []),
-    # the summary config's other variant: one summary replaced at each close, trained as far back as accumulate's
-    "compressed-summary-recurrent": ("summary", lambda n: ["summary_mode=recurrent", "max_summaries=1",
-                                                           f"summary_train_regions={RECURRENT_TRAIN_REGIONS}"]),
+    # the summary config's other variant: the summaries of the last 3 pruned regions kept, trained as far back as the
+    # recurrent default is (summary_train_regions 0 = max_summaries)
+    "compressed-summary-accumulate": ("summary", lambda n: ["summary_mode=accumulate",
+                                                            f"max_summaries={ACCUMULATE_SUMMARIES}",
+                                                            "summary_train_regions=0"]),
 }
 CHECKPOINT_OF = {"standard-240": "standard-240", "standard-160": "standard-160", "compressed": "compressed",
                  "compressed-fixed": "compressed", "compressed-adaptive": "compressed-adaptive", "dpt": "dpt",
-                 "compressed-summary": "compressed-summary", "compressed-summary-recurrent": "compressed-summary-recurrent"}
+                 "compressed-summary": "compressed-summary",
+                 "compressed-summary-accumulate": "compressed-summary-accumulate"}
 EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model",
-              "compressed-summary": "model", "compressed-summary-recurrent": "model"}
+              "compressed-summary": "model", "compressed-summary-accumulate": "model"}
 ADAPTIVE = {"collect": CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive_streams.yaml",
             "model": CONFIG_DIR / "model" / "ad_dr_adaptive.yaml"}
 SUMMARY_NUMBERS = ("n_summary", "max_summaries", "n_summaries_written", "summary_tokens_written", "kept_summaries_max")
 TUNE_EVAL_SEED = 1000  # validation rollouts use their own sampling seed, never one of the test evaluation seeds
 COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": "tab:green", "compressed-fixed": "tab:olive",
           "compressed-adaptive": "tab:purple", "PPO (source)": "tab:gray", "dpt": "tab:red", "searcher": "tab:brown",
-          "ppo": "tab:gray", "compressed-summary": "tab:orange", "compressed-summary-recurrent": "chocolate"}
+          "ppo": "tab:gray", "compressed-summary": "tab:orange", "compressed-summary-accumulate": "chocolate"}
 STRIDE_COLORS = ("tab:pink", "darkgreen", "lime", "teal")
 STRIDE_ANY_COLORS = ("gold", "sienna", "orchid", "black")  # compressed-stride<s>-any, by s
 REGIONS_COLORS = ("darkseagreen", "yellowgreen", "forestgreen", "darkolivegreen", "seagreen")  # by m
@@ -299,7 +302,7 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
         return len(todo)
     # the longest first (standard-240 of every seed), so that the two cores stay busy to the end
     cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3, "dpt": 3,
-            "compressed-summary": 3, "compressed-summary-recurrent": 3}
+            "compressed-summary": 3, "compressed-summary-accumulate": 3}
     todo.sort(key=lambda job: -cost.get(job[0].split()[1], rollouts_of(job[0].split()[1]) or regions_of(
         job[0].split()[1]) or 2))  # stride arms: compressed's cost; windows / regions: their number of rollouts
     run_concurrently({name: ("train.py", args, log) for name, args, log in todo}, max_jobs=jobs)
@@ -515,7 +518,7 @@ def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
     # summaries against pruning: at the compressed arm's budget, and at the same raw regions without summaries (the
     # summary configs keep 2 raw regions; compressed keeps 3 on Key-to-Door and Darkroom-permuted)
     pairs += [("compressed-summary", "compressed"), ("compressed-summary", "compressed-r2"),
-              ("compressed-summary-recurrent", "compressed-summary"), ("compressed-summary-recurrent", "compressed")]
+              ("compressed-summary", "compressed-summary-accumulate"), ("compressed-summary-accumulate", "compressed")]
     return [(a, b) for a, b in pairs if a in arms and b in arms]
 
 
@@ -653,9 +656,9 @@ def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | No
     size |= {a: window(rollouts_of(a)) for a in arms if rollouts_of(a) and a not in size}
     size["compressed-summary"] = (f"compressed with summary tokens (config/model/ad_*_summary.yaml): max_regions raw "
                                   f"regions plus {kept}, closed by its </compress> head")
-    size["compressed-summary-recurrent"] = ("compressed-summary with one recurrent summary (summary_mode=recurrent, "
-                                            "max_summaries=1): each region's summary reads the previous one and replaces "
-                                            f"it; trained {RECURRENT_TRAIN_REGIONS} pruned regions back")
+    size["compressed-summary-accumulate"] = ("compressed-summary with accumulated summaries (summary_mode=accumulate, "
+                                             f"max_summaries={ACCUMULATE_SUMMARIES}): the summaries of the last "
+                                             f"{ACCUMULATE_SUMMARIES} pruned regions kept side by side")
     return f"Arms ({cfg.get('env', 'darkroom')}, PPO rollouts of {n} steps): " + "; ".join(f"{a}: {size[a]}" for a in arms) + "."
 
 

@@ -42,7 +42,8 @@ def test_measure_training_times_summary_tokens_on_their_longer_samples(tiny_hist
     make a summary step longer than compressed AD's on the same history."""
     import bench
 
-    opts = {"mixed_precision": "no", "overrides": [*tiny_history["compressed"], "n_summary=2", "max_summaries=2"]}
+    opts = {"mixed_precision": "no",
+            "overrides": [*tiny_history["compressed"], "summary_mode=accumulate", "n_summary=2", "max_summaries=2"]}
     summ, comp = (bench.measure_training(m, 1, 1, opts) for m in ("summary", "compressed"))
     assert bench.train_config("summary", opts)["use_summary"] and not bench.train_config("compressed", opts).get("use_summary")
     assert summ["tokens_per_sample"] > comp["tokens_per_sample"] and summ["steps_per_s"] > 0

@@ -179,7 +179,8 @@ def test_probe_reads_the_histories_of_another_collection(adaptive_history, strea
 
 
 # ---- summary tokens: probe.py reads summary runs with the contexts they were trained on -------------------------------
-SUMMARY_TINY = ["n_summary=2", "max_summaries=2", "n_transit=48"]  # 2 x (20 + 2 + 2) - 1 - 2 = 45 raw positions
+# the accumulate layout (2 pruned regions' summaries); 2 x (20 + 2 + 2) - 1 - 2 = 45 raw positions
+SUMMARY_TINY = ["summary_mode=accumulate", "n_summary=2", "max_summaries=2", "n_transit=48"]
 
 
 def summary_cfg(tiny_history) -> dict:

@@ -28,7 +28,8 @@ TINY = ["d_model=16", "n_layer=2", "n_head=2", "n_steps=10", "compress_interval=
 KV_CASES = {
     "standard": ("ad_dr.yaml", ["n_transit=40", "eval_window_shift=20"], 40, (820 + 3 * 610) / 100),
     "compressed": ("ad_dr_compressed.yaml", ["n_transit=24", "eval_prune=fixed"], 23, (65 + 9 * 185) / 100),
-    "summary": ("ad_dr_summary.yaml", ["n_transit=30", "eval_prune=fixed", "n_summary=2", "max_summaries=2"], 29,
+    "summary": ("ad_dr_summary.yaml", ["n_transit=30", "eval_prune=fixed", "summary_mode=accumulate", "n_summary=2",
+                                       "max_summaries=2"], 29,
                 (65 + 205 + 225 + 7 * 245) / 100),
 }
 

@@ -116,7 +116,7 @@ def test_study_refuses_bad_arguments(tmp_path):
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed,everything", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --arms: everything is not one of standard-240, standard-160, compressed, compressed-fixed, compressed-adaptive, "
-        "dpt, searcher, ppo, compressed-summary, compressed-summary-recurrent, compressed-stride<s> (s >= 2; compressed is "
+        "dpt, searcher, ppo, compressed-summary, compressed-summary-accumulate, compressed-stride<s> (s >= 2; compressed is "
         "stride 1), compressed-stride<s>-any (s >= 1), compressed-r<m> (m >= 1 regions), standard-<w> (w = 80 k: a window "
         "of k >= 1 rollouts)"]
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed-stride1", check=False)
@@ -275,7 +275,7 @@ def test_summary_and_sweep_arms_in_the_tiny_study(tiny_study, tmp_path):
     import yaml
 
     root, out = tiny_study["root"], tmp_path / "report"
-    arms = ["compressed", "compressed-summary", "compressed-summary-recurrent", "standard-80", "compressed-r1"]
+    arms = ["compressed", "compressed-summary", "compressed-summary-accumulate", "standard-80", "compressed-r1"]
     proc = run_script("study.py", *tiny_study["args"], "--arms", ",".join(arms), "--report-dir", str(out), timeout=600)
     assert "skip training compressed seed 0" in proc.stdout
 
@@ -283,9 +283,10 @@ def test_summary_and_sweep_arms_in_the_tiny_study(tiny_study, tmp_path):
         return yaml.safe_load((root / "runs" / f"{arm}-seed{seed}" / "config.yaml").read_text())
 
     assert saved("compressed-summary")["use_summary"] and saved("compressed-summary", 1)["max_regions"] == 2
-    rec = saved("compressed-summary-recurrent", 1)  # the other variant, trained as far back as accumulate
+    rec = saved("compressed-summary", 1)  # the config's recurrent default, trained 3 closes deep
     assert (rec["summary_mode"], rec["max_summaries"], rec["summary_train_regions"]) == ("recurrent", 1, 3)
-    assert saved("compressed-summary")["summary_mode"] == "accumulate"
+    acc = saved("compressed-summary-accumulate")  # the other variant, trained as far back as it keeps summaries
+    assert (acc["summary_mode"], acc["max_summaries"], acc["summary_train_regions"]) == ("accumulate", 3, 0)
     assert saved("compressed-r1", 1)["max_regions"] == 1 and saved("compressed-r1")["n_transit"] == 1 * (20 + 2) + 4
     assert saved("standard-80")["n_transit"] == 20 and not saved("standard-80")["use_compressed_context"]
     report = json.loads((out / "report.json").read_text())
@@ -299,19 +300,19 @@ def test_summary_and_sweep_arms_in_the_tiny_study(tiny_study, tmp_path):
         assert kv[arm]["mean"] == pytest.approx(np.mean([float(x["kv_entries_mean"]) for x in z]))
     assert kv["standard-80"]["max"] == 20  # a FIFO window of one 20-step rollout
     assert kv["compressed-r1"]["max"] <= 26 and kv["compressed"]["max"] <= 48
-    assert kv["compressed-summary"]["max"] <= 48 + 3 * 4  # raw part + the kept summaries (3 regions x 4 tokens)
-    assert kv["compressed-summary-recurrent"]["max"] <= 48 + 4  # raw part + one kept summary
-    assert report["summary"]["compressed-summary-recurrent"]["kept_summaries_max"] == 1
+    assert kv["compressed-summary-accumulate"]["max"] <= 48 + 3 * 4  # raw part + the kept summaries (3 regions x 4 tokens)
+    assert kv["compressed-summary"]["max"] <= 48 + 4  # raw part + one kept summary
+    assert report["summary"]["compressed-summary-accumulate"]["kept_summaries_max"] == 3
     s = report["summary"]["compressed-summary"]
     assert s["n_evaluations"] == 4 and s["summaries_written_per_stream"] >= 4  # a region closes within 20 steps
-    assert s["kept_summaries_max"] == 3 and s["summary_tokens_written"] == 4 * s["n_summaries_written"]
+    assert s["kept_summaries_max"] == 1 and s["summary_tokens_written"] == 4 * s["n_summaries_written"]
     q = report["quality"]["all"]
     assert sorted(p["arm"] for p in q["points"]) == sorted(arms) and q["best_per_entry"] in arms
     assert {p["arm"]: p["mean"] for p in q["points"]} == pytest.approx({a: report["aggregate"][a]["mean"] for a in arms})
     assert "compressed-summary vs compressed" in report["paired_differences"]
-    assert "compressed-summary-recurrent vs compressed-summary" in report["paired_differences"]
+    assert "compressed-summary vs compressed-summary-accumulate" in report["paired_differences"]
     md = (out / "report.md").read_text()
     for phrase in ("| KV entries / stream (max / mean) |", "## Compression quality", "Most return per KV entry: ",
-                   "Summaries (compressed-summary, accumulate, 4 tokens each"):
+                   "Summaries (compressed-summary, recurrent, 4 tokens each"):
         assert phrase in md
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

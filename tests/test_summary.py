@@ -253,7 +253,7 @@ def test_kv_cache_is_bounded_over_long_evaluations():
     (["n_summary=0"], "use_summary=true needs n_summary>=1"),
     (["summary_mode=memo"], "summary_mode must be one of accumulate, recurrent"),
     (["summary_mode=recurrent", "max_summaries=3"], "set max_summaries=1"),
-    (["max_summaries=3", "summary_train_regions=2"], "summary_train_regions=2 must be 0"),
+    (["summary_mode=accumulate", "max_summaries=3", "summary_train_regions=2"], "summary_train_regions=2 must be 0"),
     (["n_transit=165"], "set n_transit>=167"),
 ])
 def test_inconsistent_summary_settings_are_refused(overrides, message):
