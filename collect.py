@@ -111,7 +111,7 @@ def collect_goal(goal: int, cfg: dict) -> tuple[int, dict, float]:
 def adam_kwargs(cfg: dict) -> dict:
     """SB3's Adam settings for the PPO policy (its default eps 1e-5), with `ppo_fused_adam: true` torch's fused kernel: the
     same update in one call instead of a Python loop over tensors, ~0.86x a Key-to-Door goal's time (docs/experiments.md
-    E41); other float rounding, so a history collected with it differs from one without."""
+    E42); other float rounding, so a history collected with it differs from one without."""
     return {"eps": 1e-5, "fused": True} if cfg.get("ppo_fused_adam", False) else {"eps": 1e-5}
 
 
