@@ -145,7 +145,7 @@ def test_rollout_length_per_stream_needs_a_stream_per_length():
 
 def test_fused_adam_is_a_collection_key_that_reaches_sb3(tiny_history, tmp_path):
     """`ppo_fused_adam: true` gives SB3's PPO torch's fused Adam (with SB3's own eps), is stored in the file, and a file
-    collected without it (or before the key existed) is refused for a config that sets it."""
+    collected without it is refused for a config that sets it (a file from before the key: tests/test_faults.py)."""
     from stable_baselines3 import PPO
 
     from collect import adam_kwargs
