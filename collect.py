@@ -1,4 +1,5 @@
-"""Train SB3 PPO on every task (goal) of an env and log each stream's whole learning history to one HDF5 file.
+"""Train SB3 PPO on every task (goal) of an env and log each stream's whole learning history to one HDF5 file
+(or, with `alg: searcher-eps`, log the searcher with noise that falls region by region: AD-eps, searcher.py).
 
     python collect.py [--config config/algorithm/ppo_darkroom.yaml] [--force] [key=value ...]
     python collect.py --config config/algorithm/ppo_dark_key_to_door.yaml --goals 0:3000 --out shard0.hdf5  # a shard
@@ -48,6 +49,7 @@ from common import (
 )
 from env import selected_tasks, task_family
 from history import FIELDS, FORMAT_VERSION, collect_keys, history_mismatch
+from searcher import noisy_history
 
 
 class HistoryCallback(BaseCallback):
@@ -91,10 +93,13 @@ class HistoryCallback(BaseCallback):
 
 
 def collect_goal(goal: int, cfg: dict) -> tuple[int, dict, float]:
-    """Run PPO on one goal; returns (goal, history arrays, seconds). Streams that share a rollout length share one PPO
+    """Run the source on one goal; returns (goal, history arrays, seconds). Streams that share a rollout length share one PPO
     learner: one learner for the goal, or with `n_steps_per: stream` one per length (stream s in learner s % lengths)."""
     torch.set_num_threads(1)  # one core per goal process; parallelism comes from n_process
     start = time.perf_counter()
+    if cfg["alg"] == "searcher-eps":  # no learner to train: the searcher with decaying noise (searcher.noisy_history)
+        data = noisy_history(cfg, goal, cfg["n_stream"], seed=cfg["alg_seed"] * 1000 + goal)
+        return goal, data, time.perf_counter() - start
     per_stream = stream_n_steps(cfg, goal)
     T, S = cfg["total_source_timesteps"], cfg["n_stream"]
     data = None
@@ -257,7 +262,7 @@ def main():
     todo = [g for g in goals if g not in done]
     n_proc = max(1, min(cfg["n_process"], len(todo)))
     try:
-        bar = tqdm(total=len(goals), initial=len(goals) - len(todo), desc="PPO goals", unit="goal")
+        bar = tqdm(total=len(goals), initial=len(goals) - len(todo), desc=f"{cfg['alg']} goals", unit="goal")
         jobs = [(g, cfg) for g in todo]
         if n_proc == 1:
             results = map(_worker, jobs)
@@ -289,7 +294,7 @@ def main():
     first, last, opt = map(np.array, (first, last, opt))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(goals)} goals x {cfg['n_stream']} streams x "
           f"{cfg['total_source_timesteps']} steps) in {time.perf_counter() - start:.0f} s")
-    print(f"PPO return, first region {first.mean():.2f}, last region {last.mean():.2f} vs optimum {opt.mean():.2f} "
+    print(f"{cfg['alg']} return, first region {first.mean():.2f}, last region {last.mean():.2f} vs optimum {opt.mean():.2f} "
           f"({last.sum() / opt.sum():.1%} of optimum; worst goal {np.min(last / opt):.1%})")
 
 

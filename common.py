@@ -38,7 +38,8 @@ SCHEMA: dict[str, type] = {
     "alg": str, "alg_seed": int, "n_steps": (int, list), "n_steps_per": str, "n_stream": int, "total_source_timesteps": int,
     "ppo_batch_size": int, "ppo_n_epochs": int, "ppo_lr": float, "ppo_ent_coef": float,
     "ppo_gamma": float, "ppo_gae_lambda": float, "ppo_clip_range": float, "ppo_net_arch": int,
-    "ppo_observe_stage": bool, "ppo_fused_adam": bool, "n_process": int, "traj_dir": str,
+    "ppo_observe_stage": bool, "ppo_fused_adam": bool, "source_eps_start": float, "source_eps_regions": int,
+    "n_process": int, "traj_dir": str,
     # model
     "model": str, "run_name": str, "use_compressed_context": bool, "n_transit": int,
     "compress_interval": int, "max_regions": int, "token_type_loss_weight": float, "min_source_return": float,
@@ -63,8 +64,11 @@ ENV_KEYS = ("env", "grid_size", "horizon", "env_split_seed", "train_env_ratio", 
 COLLECTION_KEYS = ENV_KEYS + (
     "alg", "alg_seed", "n_steps", "n_steps_per", "n_stream", "total_source_timesteps", "ppo_batch_size", "ppo_n_epochs",
     "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda", "ppo_clip_range", "ppo_net_arch", "ppo_observe_stage",
-    "ppo_fused_adam", "n_process", "traj_dir",
+    "ppo_fused_adam", "source_eps_start", "source_eps_regions", "n_process", "traj_dir",
 )
+# the source algorithms collect.py runs: SB3 PPO, or the searcher with noise falling region by region (AD-eps,
+# searcher.noisy_history; its source_eps_* keys)
+ALGS = ("PPO", "searcher-eps")
 POSITIVE = {
     "grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps", "ppo_batch_size",
     "ppo_n_epochs", "ppo_lr", "ppo_net_arch", "n_process", "n_transit", "compress_interval",
@@ -184,6 +188,14 @@ def validate(cfg: dict) -> dict:
                 f"total_source_timesteps={cfg['total_source_timesteps']} is not a multiple of n_steps={n}; "
                 "history regions are whole PPO rollouts"
             )
+    if cfg.get("alg", "PPO") not in ALGS:
+        raise UserError(f"alg must be one of {', '.join(ALGS)} (the source collect.py runs); got {cfg['alg']!r}")
+    if cfg.get("alg") == "searcher-eps":
+        if isinstance(cfg.get("n_steps"), list):
+            raise UserError("alg=searcher-eps writes regions of one length: set n_steps to one int, not a list")
+        if not 0.0 <= cfg.get("source_eps_start", 1.0) <= 1.0 or cfg.get("source_eps_regions", 1) < 1:
+            raise UserError(f"searcher-eps needs source_eps_start in [0, 1] and source_eps_regions >= 1; got "
+                            f"{cfg.get('source_eps_start')!r}, {cfg.get('source_eps_regions')!r}")
     per = cfg.get("n_steps_per", "task")
     if per not in N_STEPS_PER:
         raise UserError(f"n_steps_per must be one of {', '.join(N_STEPS_PER)}; got {per!r}")

@@ -18,10 +18,11 @@ FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_star
 COLLECT_KEYS = (
     "env", "grid_size", "horizon", "alg", "alg_seed", "n_steps", "n_steps_per", "n_stream", "total_source_timesteps",
     "ppo_batch_size", "ppo_n_epochs", "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda",
-    "ppo_clip_range", "ppo_net_arch", "ppo_observe_stage", "ppo_fused_adam",
+    "ppo_clip_range", "ppo_net_arch", "ppo_observe_stage", "ppo_fused_adam", "source_eps_start", "source_eps_regions",
 )
 # keys a config (and a file written before they existed) may leave out
-COLLECT_DEFAULTS = {"ppo_observe_stage": False, "n_steps_per": "task", "ppo_fused_adam": False}
+COLLECT_DEFAULTS = {"ppo_observe_stage": False, "n_steps_per": "task", "ppo_fused_adam": False, "source_eps_start": 1.0,
+                    "source_eps_regions": 1}
 
 
 def collect_keys(cfg: dict) -> dict:

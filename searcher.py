@@ -1,4 +1,5 @@
-"""A reference learner for the study: a hand-written searcher with memory across episodes, per env.
+"""A reference learner for the study: a hand-written searcher with memory across episodes, per env; with decaying
+noise (`noisy_history`) also a source of learning histories to distil (collect.py's `alg: searcher-eps`).
 
 It plays the same streams as the in-context evaluation (`env.BatchEnv`: every task x `n_streams`, goal-major, all reset
 together every `horizon` steps) and keeps the same per-episode bookkeeping as `evaluate.run_in_context`, so its returns
@@ -162,3 +163,40 @@ def run_searcher(cfg: dict, goals: list[int], *, n_streams: int, n_episodes: int
             "closes": [[] for _ in range(B)], "forced_closes": [[] for _ in range(B)],
             "set_closes": [[] for _ in range(B)], "prunes": [[] for _ in range(B)], "recomputed": 0,
             "found_episode": searcher.found_episode.reshape(len(goals), n_streams, -1)}
+
+
+def source_eps(cfg: dict, n_regions: int) -> np.ndarray:
+    """[n_regions]: the noise of each region of a `searcher-eps` history (AD-eps, Zisman et al. 2023): `source_eps_start`
+    in region 0, falling linearly to 0 at region `source_eps_regions` and 0 after it."""
+    k = np.arange(n_regions)
+    return cfg["source_eps_start"] * np.clip(1.0 - k / cfg["source_eps_regions"], 0.0, 1.0)
+
+
+def noisy_history(cfg: dict, goal: int, n_stream: int, seed: int) -> dict:
+    """A learning history of the searcher with decaying noise on `n_stream` streams of one task (collect.py's
+    `alg: searcher-eps`): in region k (a rollout of `n_steps`) each step takes a uniformly random action with
+    probability `source_eps(cfg)[k]`, else the searcher's; the searcher learns from every step, its own or not. Returns
+    the history file's fields (history.FIELDS), time-major `[total_source_timesteps, n_stream, ...]`, with the markers
+    and episode ends of a PPO history (episodes of `horizon` steps, all streams reset together)."""
+    T, n = cfg["total_source_timesteps"], cfg["n_steps"]
+    rng = np.random.default_rng(seed)
+    env = BatchEnv(cfg, [goal] * n_stream)
+    searcher = Searcher(cfg, n_stream, rng)
+    eps = source_eps(cfg, T // n)
+    shape = (T, n_stream)
+    data = {"states": np.zeros(shape + (2,), np.int8), "actions": np.zeros(shape, np.int8),
+            "rewards": np.zeros(shape, np.int8), "next_states": np.zeros(shape + (2,), np.int8),
+            "dones": np.zeros(shape, bool), "compress_start": np.zeros(shape, bool), "compress_end": np.zeros(shape, bool)}
+    pos = env.reset()
+    for t in range(T):
+        action = searcher.act(pos)
+        noisy = rng.random(n_stream) < eps[t // n]
+        action = np.where(noisy, rng.integers(N_ACTIONS, size=n_stream), action)
+        obs, reward, done = env.step(action)
+        searcher.observe(pos, action, obs, reward, done)
+        data["states"][t], data["actions"][t], data["rewards"][t] = pos, action, reward
+        data["next_states"][t], data["dones"][t] = env.arrived, done
+        pos = obs
+    data["compress_start"][::n] = True
+    data["compress_end"][n - 1::n] = True
+    return data

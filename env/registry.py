@@ -182,6 +182,7 @@ class BatchEnv:
         """(observation [B, 2], reward [B] int64, episode ended) after one step of every stream."""
         self.pos, reward, self.state = self.family.step(self.pos, self.state, np.asarray(actions, dtype=np.int64),
                                                         self.params, self.grid_size)
+        self.arrived = self.pos.copy()  # where the step ended, before a reset (a history's next_states)
         self.t += 1
         done = self.t >= self.horizon
         if done:

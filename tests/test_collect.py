@@ -32,7 +32,12 @@ def test_markers_at_rollout_boundaries(tiny_history):
 
 
 def test_every_transition_replays_through_the_env(tiny_history):
-    with h5py.File(tiny_history["path"], "r") as f:
+    _assert_replays(tiny_history["path"])
+
+
+def _assert_replays(path):
+    """Every stored transition of every goal and stream is what the env does from the stored state."""
+    with h5py.File(path, "r") as f:
         for key in f:
             g = f[key]
             d = {k: g[k][:] for k in ("states", "actions", "rewards", "next_states", "dones")}
@@ -168,3 +173,58 @@ def test_fused_adam_is_a_collection_key_that_reaches_sb3(tiny_history, tmp_path)
     with open_history(tiny_history["path"]) as f, pytest.raises(
             UserError, match=r"collected with ppo_fused_adam=False \(config: True\)"):
         check_history(f, "tiny.hdf5", cfg)
+
+
+def test_searcher_eps_noise_falls_linearly_region_by_region():
+    from searcher import source_eps
+
+    cfg = {"source_eps_start": 1.0, "source_eps_regions": 4}
+    assert np.allclose(source_eps(cfg, 6), [1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    assert np.allclose(source_eps({"source_eps_start": 0.4, "source_eps_regions": 1}, 3), [0.4, 0.0, 0.0])
+
+
+def test_searcher_eps_history_is_random_at_eps_1_and_the_searcher_at_eps_0():
+    """In a region of eps 1 every action is uniform (the stay action a fifth of the time); at eps 0 the history is the
+    searcher's: every stream finds the goal within the episodes a sweep allows (7, tests/test_searcher.py) and earns
+    the optimum in every episode after it."""
+    from common import load_config
+    from env import task_family
+    from searcher import noisy_history
+
+    cfg = load_config("config/algorithm/searcher_eps_darkroom.yaml", ["source_eps_regions=1"])
+    H, n, S, goal = cfg["horizon"], cfg["n_steps"], 50, 0
+    d = noisy_history(cfg, goal, S, seed=0)
+    T = cfg["total_source_timesteps"]
+    assert d["actions"].shape == (T, S) and d["states"].shape == (T, S, 2)
+    share = np.bincount(d["actions"][:n].ravel(), minlength=5) / (n * S)
+    assert np.abs(share - 0.2).max() < 0.03  # eps 1: every action uniform, then eps 0 ...
+    optimum = task_family(cfg).optimal_return(goal, cfg)
+    returns = d["rewards"].reshape(T // H, H, S).sum(axis=1)
+    assert (returns[n // H + 7:] == optimum).all()  # ... and within 7 noise-free episodes the searcher's optimum
+
+    d0 = noisy_history({**cfg, "source_eps_start": 0.0}, goal, S, seed=0)
+    first = d0["rewards"].reshape(T // H, H, S).sum(axis=1) > 0
+    found = first.argmax(axis=0)
+    assert first.any(axis=0).all() and found.max() <= 6
+    returns0 = d0["rewards"].reshape(T // H, H, S).sum(axis=1)
+    assert (returns0[np.arange(T // H)[:, None] > found[None]] == optimum).all()
+
+
+def test_searcher_eps_collection_replays_with_ppo_markers_and_is_refused_with_bad_keys(tmp_path):
+    from common import UserError, load_config
+
+    over = [o for o in TINY_COLLECT if not o.startswith("ppo_")] + [f"traj_dir={tmp_path}"]
+    run_script("collect.py", "--config", "config/algorithm/searcher_eps_darkroom.yaml", "--goals", "0,12", *over)
+    path = tmp_path / "history_darkroom_searcher-eps_alg-seed42.hdf5"
+    _assert_replays(path)
+    with h5py.File(path, "r") as f:
+        assert sorted(f) == ["0", "12"] and yaml.safe_load(f.attrs["collect_keys"])["source_eps_regions"] == 4
+        t = np.arange(80)
+        assert (f["12"]["compress_start"][:] == (t % 20 == 0)[:, None]).all()
+        assert (f["12"]["compress_end"][:] == (t % 20 == 19)[:, None]).all()
+    with pytest.raises(UserError, match="alg must be one of PPO, searcher-eps"):
+        load_config("config/algorithm/ppo_darkroom.yaml", ["alg=DQN"])
+    with pytest.raises(UserError, match="searcher-eps writes regions of one length"):
+        load_config("config/algorithm/searcher_eps_darkroom.yaml", ["n_steps=[40, 80]"])
+    with pytest.raises(UserError, match=r"source_eps_start in \[0, 1\]"):
+        load_config("config/algorithm/searcher_eps_darkroom.yaml", ["source_eps_start=1.5"])
