@@ -22,6 +22,8 @@ Optional arms (`--arms`; not in the default study, so its cost is unchanged):
 - ppo: the source PPO's own learning, per stream, from the history file's rewards (each update pools a goal's n_stream
   streams); not trained or evaluated, no temperature.
 - compressed-adaptive: compressed AD on Darkroom histories whose rollout length differs by stream (its own file).
+- compressed-eps: compressed AD on Darkroom histories of the AD-eps source (the searcher with noise falling region by
+  region, config/algorithm/searcher_eps_darkroom.yaml; its own file) instead of PPO's.
 - compressed-summary: compressed AD with summary tokens (summary.py): max_regions raw regions plus the summaries
   of older ones, the env's config/model/ad_{dr,kd,dp}_summary.yaml (one recurrent summary, chosen on validation goals:
   docs/experiments.md E41), evaluated with the model's `</compress>`; compressed-summary-accumulate: the same config
@@ -74,7 +76,7 @@ from common import (
 from plots import pyplot
 
 ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
-OPTIONAL_ARMS = ("compressed-adaptive", "dpt", "searcher", "ppo", "compressed-summary",
+OPTIONAL_ARMS = ("compressed-adaptive", "compressed-eps", "dpt", "searcher", "ppo", "compressed-summary",
                  "compressed-summary-accumulate")  # and the patterns below
 REFERENCE_ARMS = ("searcher", "ppo")  # reference learners: no checkpoint, no temperature
 STRIDE_ARM = re.compile(r"compressed-stride([0-9]+)(-any)?")  # compressed AD trained with region_stride=s (-any:
@@ -85,12 +87,13 @@ ARM_PATTERNS = ("compressed-stride<s> (s >= 2; compressed is stride 1), compress
                 "compressed-r<m> (m >= 1 regions), "
                 "standard-<w> (w = 80 k: a window of k >= 1 rollouts)")
 ACCUMULATE_SUMMARIES = 3  # compressed-summary-accumulate's max_summaries: the summary configs' summary_train_regions
-TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive, extra overrides from its n_steps);
+TRAINED = {  # arm -> (the env's model config: standard, compressed, adaptive, eps or summary, extra overrides from its n_steps);
     # compressed-fixed reuses compressed
     "standard-240": ("standard", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}"]),
     "standard-160": ("standard", lambda n: [f"n_transit={2 * n}", f"eval_window_shift={n}"]),
     "compressed": ("compressed", lambda n: []),
     "compressed-adaptive": ("adaptive", lambda n: []),
+    "compressed-eps": ("eps", lambda n: []),
     "dpt": ("standard", lambda n: [f"n_transit={3 * n}", f"eval_window_shift={n}", "target=oracle"]),
     "compressed-summary": ("summary", lambda n: []),
     # the summary config's other variant: the summaries of the last 3 pruned regions kept, trained as far back as the
@@ -101,16 +104,20 @@ TRAINED = {  # arm -> (the env's model config: standard, compressed or adaptive,
 }
 CHECKPOINT_OF = {"standard-240": "standard-240", "standard-160": "standard-160", "compressed": "compressed",
                  "compressed-fixed": "compressed", "compressed-adaptive": "compressed-adaptive", "dpt": "dpt",
+                 "compressed-eps": "compressed-eps",
                  "compressed-summary": "compressed-summary",
                  "compressed-summary-accumulate": "compressed-summary-accumulate"}
-EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model",
+EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model", "compressed-eps": "model",
               "compressed-summary": "model", "compressed-summary-accumulate": "model"}
-ADAPTIVE = {"collect": CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive_streams.yaml",
-            "model": CONFIG_DIR / "model" / "ad_dr_adaptive.yaml"}
+OWN_SOURCE = {  # mode -> (collection config, model config) of the Darkroom-only arms with a history file of their own
+    "adaptive": (CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive_streams.yaml", CONFIG_DIR / "model" / "ad_dr_adaptive.yaml"),
+    "eps": (CONFIG_DIR / "algorithm" / "searcher_eps_darkroom.yaml", CONFIG_DIR / "model" / "ad_dr_eps.yaml"),
+}
 SUMMARY_NUMBERS = ("n_summary", "max_summaries", "n_summaries_written", "summary_tokens_written", "kept_summaries_max")
 TUNE_EVAL_SEED = 1000  # validation rollouts use their own sampling seed, never one of the test evaluation seeds
 COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": "tab:green", "compressed-fixed": "tab:olive",
-          "compressed-adaptive": "tab:purple", "PPO (source)": "tab:gray", "dpt": "tab:red", "searcher": "tab:brown",
+          "compressed-adaptive": "tab:purple", "compressed-eps": "magenta",
+          "PPO (source)": "tab:gray", "dpt": "tab:red", "searcher": "tab:brown",
           "ppo": "tab:gray", "compressed-summary": "tab:orange", "compressed-summary-accumulate": "chocolate"}
 STRIDE_COLORS = ("tab:pink", "darkgreen", "lime", "teal")
 STRIDE_ANY_COLORS = ("gold", "sienna", "orchid", "black")  # compressed-stride<s>-any, by s
@@ -159,7 +166,7 @@ def checkpoint_of(arm: str) -> str:
 
 
 def trained_spec(arm: str):
-    """(the env's model config: standard, compressed, adaptive or summary, extra overrides from its n_steps) of a
+    """(the env's model config: standard, compressed, adaptive, eps or summary, extra overrides from its n_steps) of a
     trained arm."""
     s, m, k = stride_of(arm), regions_of(arm), rollouts_of(arm)
     if s:
@@ -216,10 +223,11 @@ def say(msg: str) -> None:
 def arm_configs(env: str, arm: str) -> tuple[Path, Path]:
     """(collection config, model config) an arm trains with (a reference arm: the env's history and standard config)."""
     mode = trained_spec(checkpoint_of(arm))[0] if is_trained(arm) else "standard"
-    if mode == "adaptive":
+    if mode in OWN_SOURCE:
         if env != "darkroom":
-            raise UserError(f"arm {arm} exists for darkroom only (config/model/ad_dr_adaptive.yaml); drop it from --arms")
-        return ADAPTIVE["collect"], ADAPTIVE["model"]
+            raise UserError(f"arm {arm} exists for darkroom only (config/model/{OWN_SOURCE[mode][1].name}); drop it from "
+                            "--arms")
+        return OWN_SOURCE[mode]
     if mode == "summary":  # the compressed config's sibling: ad_dr_compressed.yaml -> ad_dr_summary.yaml
         compressed = env_configs(env)["compressed"]
         config = compressed.with_name(compressed.name.replace("_compressed", "_summary"))
@@ -301,7 +309,7 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
             run_stage(name, "train.py", args)
         return len(todo)
     # the longest first (standard-240 of every seed), so that the two cores stay busy to the end
-    cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3, "dpt": 3,
+    cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3, "compressed-eps": 2, "dpt": 3,
             "compressed-summary": 3, "compressed-summary-accumulate": 3}
     todo.sort(key=lambda job: -cost.get(job[0].split()[1], rollouts_of(job[0].split()[1]) or regions_of(
         job[0].split()[1]) or 2))  # stride arms: compressed's cost; windows / regions: their number of rollouts
@@ -512,7 +520,8 @@ def training_costs(root: Path, arms: list[str], seeds: list[int]) -> dict[str, d
 def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
     """The paired comparisons among `arms` (arms evaluated on the same seeds and streams; not the reference arms)."""
     pairs = [("compressed", "standard-240"), ("compressed", "standard-160"), ("compressed", "compressed-fixed"),
-             ("standard-160", "standard-240"), ("compressed-adaptive", "compressed"), ("dpt", "standard-240")]
+             ("standard-160", "standard-240"), ("compressed-adaptive", "compressed"), ("dpt", "standard-240"),
+             ("compressed-eps", "compressed")]
     pairs += [(a, "compressed") for a in arms if stride_of(a)]
     pairs += [(a, f"compressed-stride{stride_of(a)}") for a in arms if first_any_of(a) and stride_of(a) > 1]
     # summaries against pruning: at the compressed arm's budget, and at the same raw regions without summaries (the
@@ -643,6 +652,8 @@ def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | No
             "compressed-fixed": "the compressed checkpoint, closing every compress_interval steps",
             "compressed-adaptive": "compressed on histories with PPO rollouts of 40, 80 and 120 steps in every goal "
                                    "(one learner per length), closed by its </compress> head",
+            "compressed-eps": "compressed distilled from the AD-eps source: the searcher with noise falling region by "
+                              "region (searcher.noisy_history), not PPO",
             "dpt": f"DPT: standard-240's model and {window(3)}, trained on the env's optimal action at every step",
             "searcher": "a hand-written searcher with memory across episodes (searcher.py): sweeps the cells not yet "
                         "ruled out, then walks straight to what it found",

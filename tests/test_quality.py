@@ -98,6 +98,11 @@ def test_arms_that_do_not_fit_the_env_are_refused(tmp_path, monkeypatch):
             study.check_arms(env, [arm], [])
     with pytest.raises(UserError, match="exists for darkroom only"):
         study.check_arms("darkroom_permuted", ["compressed-adaptive"], [])
+    with pytest.raises(UserError, match=r"exists for darkroom only \(config/model/ad_dr_eps.yaml\)"):
+        study.check_arms("dark_key_to_door", ["compressed-eps"], [])
+    collect, model = study.arm_configs("darkroom", "compressed-eps")  # its own source, the compressed model
+    assert load_config(collect)["alg"] == "searcher-eps" and load_config(model)["alg"] == "searcher-eps"
+    assert load_config(model)["use_compressed_context"] and study.eval_prune_of("compressed-eps") == "model"
     compressed = tmp_path / "ad_xx_compressed.yaml"  # an env whose summary config does not exist
     compressed.write_text((ROOT / "config" / "model" / "ad_dr_compressed.yaml").read_text().replace(
         "include: ad_dr.yaml", f"include: {ROOT / 'config' / 'model' / 'ad_dr.yaml'}"))

@@ -116,6 +116,7 @@ def test_study_refuses_bad_arguments(tmp_path):
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed,everything", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --arms: everything is not one of standard-240, standard-160, compressed, compressed-fixed, compressed-adaptive, "
+        "compressed-eps, "
         "dpt, searcher, ppo, compressed-summary, compressed-summary-accumulate, compressed-stride<s> (s >= 2; compressed is "
         "stride 1), compressed-stride<s>-any (s >= 1), compressed-r<m> (m >= 1 regions), standard-<w> (w = 80 k: a window "
         "of k >= 1 rollouts)"]
