@@ -22,8 +22,9 @@ Optional arms (`--arms`; not in the default study, so its cost is unchanged):
 - ppo: the source PPO's own learning, per stream, from the history file's rewards (each update pools a goal's n_stream
   streams); not trained or evaluated, no temperature.
 - compressed-adaptive: compressed AD on Darkroom histories whose rollout length differs by stream (its own file).
-- compressed-eps: compressed AD on Darkroom histories of the AD-eps source (the searcher with noise falling region by
-  region, config/algorithm/searcher_eps_darkroom.yaml; its own file) instead of PPO's.
+- compressed-eps: compressed AD on Darkroom histories of the AD-eps source (the searcher, with the noise falling region
+  by region that config/algorithm/searcher_eps_darkroom.yaml sets: none, chosen on validation; its own file) instead
+  of PPO's.
 - compressed-summary: compressed AD with summary tokens (summary.py): max_regions raw regions plus the summaries
   of older ones, the env's config/model/ad_{dr,kd,dp}_summary.yaml (one recurrent summary, chosen on validation goals:
   docs/experiments.md E41), evaluated with the model's `</compress>`; compressed-summary-accumulate: the same config
@@ -652,8 +653,8 @@ def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | No
             "compressed-fixed": "the compressed checkpoint, closing every compress_interval steps",
             "compressed-adaptive": "compressed on histories with PPO rollouts of 40, 80 and 120 steps in every goal "
                                    "(one learner per length), closed by its </compress> head",
-            "compressed-eps": "compressed distilled from the AD-eps source: the searcher with noise falling region by "
-                              "region (searcher.noisy_history), not PPO",
+            "compressed-eps": "compressed distilled from the searcher's histories instead of PPO's (the AD-eps source, "
+                              "searcher.noisy_history; its config's noise: none, chosen on validation, E43)",
             "dpt": f"DPT: standard-240's model and {window(3)}, trained on the env's optimal action at every step",
             "searcher": "a hand-written searcher with memory across episodes (searcher.py): sweeps the cells not yet "
                         "ruled out, then walks straight to what it found",
