@@ -191,7 +191,7 @@ def test_searcher_eps_history_is_random_at_eps_1_and_the_searcher_at_eps_0():
     from env import task_family
     from searcher import noisy_history
 
-    cfg = load_config("config/algorithm/searcher_eps_darkroom.yaml", ["source_eps_regions=1"])
+    cfg = load_config("config/algorithm/searcher_eps_darkroom.yaml", ["source_eps_start=1.0", "source_eps_regions=1"])
     H, n, S, goal = cfg["horizon"], cfg["n_steps"], 50, 0
     d = noisy_history(cfg, goal, S, seed=0)
     T = cfg["total_source_timesteps"]
