@@ -48,7 +48,7 @@ from common import (
     stream_n_steps,
 )
 from env import selected_tasks, task_family
-from history import FIELDS, FORMAT_VERSION, collect_keys, history_mismatch
+from history import FIELDS, FORMAT_VERSION, collect_keys, empty_history, history_mismatch
 from searcher import noisy_history
 
 
@@ -57,16 +57,7 @@ class HistoryCallback(BaseCallback):
 
     def __init__(self, n_total: int, n_stream: int):
         super().__init__()
-        shape = (n_total, n_stream)
-        self.data = {
-            "states": np.zeros(shape + (2,), np.int8),
-            "actions": np.zeros(shape, np.int8),
-            "rewards": np.zeros(shape, np.int8),
-            "next_states": np.zeros(shape + (2,), np.int8),
-            "dones": np.zeros(shape, bool),
-            "compress_start": np.zeros(shape, bool),
-            "compress_end": np.zeros(shape, bool),
-        }
+        self.data = empty_history(n_total, n_stream)
         self.t = 0
 
     def _on_rollout_start(self) -> None:

@@ -13,6 +13,15 @@ from common import UserError
 
 FORMAT_VERSION = 1
 FIELDS = ("states", "actions", "rewards", "next_states", "dones", "compress_start", "compress_end")
+
+
+def empty_history(n_total: int, n_stream: int) -> dict:
+    """Zeroed time-major arrays `[n_total, n_stream, ...]` of every field (FIELDS), in the file's dtypes: what a source
+    (collect.HistoryCallback, searcher.noisy_history) fills in."""
+    shape = (n_total, n_stream)
+    return {"states": np.zeros(shape + (2,), np.int8), "actions": np.zeros(shape, np.int8),
+            "rewards": np.zeros(shape, np.int8), "next_states": np.zeros(shape + (2,), np.int8),
+            "dones": np.zeros(shape, bool), "compress_start": np.zeros(shape, bool), "compress_end": np.zeros(shape, bool)}
 # every collection key that changes what is in the file; the file stores them (attrs["collect_keys"]) and a config
 # that differs on any of them is refused: a smoke collection at the default path is not the real dataset
 COLLECT_KEYS = (

@@ -24,6 +24,7 @@ import numpy as np
 
 from env import MOVES, N_ACTIONS, BatchEnv, task_family
 from env.darkroom_permuted import goal_pos
+from history import empty_history
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,7 @@ def noisy_history(cfg: dict, goal: int, n_stream: int, seed: int) -> dict:
     env = BatchEnv(cfg, [goal] * n_stream)
     searcher = Searcher(cfg, n_stream, rng)
     eps = source_eps(cfg, T // n)
-    shape = (T, n_stream)
-    data = {"states": np.zeros(shape + (2,), np.int8), "actions": np.zeros(shape, np.int8),
-            "rewards": np.zeros(shape, np.int8), "next_states": np.zeros(shape + (2,), np.int8),
-            "dones": np.zeros(shape, bool), "compress_start": np.zeros(shape, bool), "compress_end": np.zeros(shape, bool)}
+    data = empty_history(T, n_stream)
     pos = env.reset()
     for t in range(T):
         action = searcher.act(pos)
