@@ -22,9 +22,9 @@ Optional arms (`--arms`; not in the default study, so its cost is unchanged):
 - ppo: the source PPO's own learning, per stream, from the history file's rewards (each update pools a goal's n_stream
   streams); not trained or evaluated, no temperature.
 - compressed-adaptive: compressed AD on Darkroom histories whose rollout length differs by stream (its own file).
-- compressed-eps: compressed AD on Darkroom histories of the AD-eps source (the searcher, with the noise falling region
-  by region that config/algorithm/searcher_eps_darkroom.yaml sets: none, chosen on validation; its own file) instead
-  of PPO's.
+- compressed-eps: compressed AD on histories of the AD-eps source (the searcher, with the noise falling region by region
+  that config/algorithm/searcher_eps_<env>.yaml sets: none, chosen on Darkroom's validation goals; its own file) instead
+  of PPO's; the env's config/model/ad_{dr,kd,dp}_eps.yaml.
 - compressed-summary: compressed AD with summary tokens (summary.py): max_regions raw regions plus the summaries
   of older ones, the env's config/model/ad_{dr,kd,dp}_summary.yaml (one recurrent summary, chosen on validation goals:
   docs/experiments.md E41), evaluated with the model's `</compress>`; compressed-summary-accumulate: the same config
@@ -110,10 +110,20 @@ CHECKPOINT_OF = {"standard-240": "standard-240", "standard-160": "standard-160",
                  "compressed-summary-accumulate": "compressed-summary-accumulate"}
 EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model", "compressed-eps": "model",
               "compressed-summary": "model", "compressed-summary-accumulate": "model"}
-OWN_SOURCE = {  # mode -> (collection config, model config) of the Darkroom-only arms with a history file of their own
-    "adaptive": (CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive_streams.yaml", CONFIG_DIR / "model" / "ad_dr_adaptive.yaml"),
-    "eps": (CONFIG_DIR / "algorithm" / "searcher_eps_darkroom.yaml", CONFIG_DIR / "model" / "ad_dr_eps.yaml"),
+OWN_SOURCE = {  # env -> mode -> (collection config, model config) of the arms with a history file of their own
+    "darkroom": {
+        "adaptive": (CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive_streams.yaml",
+                     CONFIG_DIR / "model" / "ad_dr_adaptive.yaml"),
+        "eps": (CONFIG_DIR / "algorithm" / "searcher_eps_darkroom.yaml", CONFIG_DIR / "model" / "ad_dr_eps.yaml"),
+    },
+    "dark_key_to_door": {
+        "eps": (CONFIG_DIR / "algorithm" / "searcher_eps_dark_key_to_door.yaml", CONFIG_DIR / "model" / "ad_kd_eps.yaml"),
+    },
+    "darkroom_permuted": {
+        "eps": (CONFIG_DIR / "algorithm" / "searcher_eps_darkroom_permuted.yaml", CONFIG_DIR / "model" / "ad_dp_eps.yaml"),
+    },
 }
+OWN_SOURCE_MODES = {mode for modes in OWN_SOURCE.values() for mode in modes}
 SUMMARY_NUMBERS = ("n_summary", "max_summaries", "n_summaries_written", "summary_tokens_written", "kept_summaries_max")
 TUNE_EVAL_SEED = 1000  # validation rollouts use their own sampling seed, never one of the test evaluation seeds
 COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": "tab:green", "compressed-fixed": "tab:olive",
@@ -224,11 +234,11 @@ def say(msg: str) -> None:
 def arm_configs(env: str, arm: str) -> tuple[Path, Path]:
     """(collection config, model config) an arm trains with (a reference arm: the env's history and standard config)."""
     mode = trained_spec(checkpoint_of(arm))[0] if is_trained(arm) else "standard"
-    if mode in OWN_SOURCE:
-        if env != "darkroom":
-            raise UserError(f"arm {arm} exists for darkroom only (config/model/{OWN_SOURCE[mode][1].name}); drop it from "
-                            "--arms")
-        return OWN_SOURCE[mode]
+    if mode in OWN_SOURCE_MODES:
+        if mode not in OWN_SOURCE.get(env, {}):
+            has = [e for e, modes in OWN_SOURCE.items() if mode in modes]
+            raise UserError(f"arm {arm} exists for {', '.join(has)} only, not {env}; drop it from --arms")
+        return OWN_SOURCE[env][mode]
     if mode == "summary":  # the compressed config's sibling: ad_dr_compressed.yaml -> ad_dr_summary.yaml
         compressed = env_configs(env)["compressed"]
         config = compressed.with_name(compressed.name.replace("_compressed", "_summary"))

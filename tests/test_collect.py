@@ -210,6 +210,34 @@ def test_searcher_eps_history_is_random_at_eps_1_and_the_searcher_at_eps_0():
     assert (returns0[np.arange(T // H)[:, None] > found[None]] == optimum).all()
 
 
+# the episodes after which the noise-free searcher earns the optimum (tests/test_searcher.py's bounds): the key within
+# ceil(81 / 42) = 2 episodes and the door within ceil(81 / 26) = 4 after it; the permutation within the first episode
+@pytest.mark.parametrize("env,search_episodes", [("dark_key_to_door", 2 + 4), ("darkroom_permuted", 1)])
+def test_searcher_eps_history_on_the_other_envs_replays_and_ends_at_the_optimum(env, search_episodes):
+    """Key-to-Door and Darkroom-permuted histories of the noise-free searcher (their configs' eps 0): every stored
+    transition is what the env does (replayed through BatchEnv with the stored actions), and every stream earns the
+    task's optimum in every episode after the sweep bound."""
+    from common import load_config
+    from env import BatchEnv, task_family, task_split
+    from searcher import noisy_history
+
+    cfg = load_config(f"config/algorithm/searcher_eps_{env}.yaml")
+    assert cfg["source_eps_start"] == 0.0 and cfg["alg"] == "searcher-eps"
+    S, T, H = 20, cfg["total_source_timesteps"], cfg["horizon"]
+    for task in task_split(cfg, "train")[:3]:
+        d = noisy_history(cfg, task, S, seed=task)
+        replay = BatchEnv(cfg, [task] * S)
+        pos = replay.reset()
+        for t in range(T):
+            assert (d["states"][t] == pos).all()
+            pos, r, done = replay.step(d["actions"][t])
+            assert (d["rewards"][t] == r).all() and (d["next_states"][t] == replay.arrived).all()
+            assert (d["dones"][t] == done).all()
+        returns = d["rewards"].reshape(T // H, H, S).sum(axis=1)
+        assert (returns[search_episodes:] == task_family(cfg).optimal_return(task, cfg)).all()
+        assert d["compress_start"][::cfg["n_steps"]].all() and d["compress_end"].sum() == S * T // cfg["n_steps"]
+
+
 def test_searcher_eps_collection_replays_with_ppo_markers_and_is_refused_with_bad_keys(tmp_path):
     from common import UserError, load_config
 

@@ -96,13 +96,16 @@ def test_arms_that_do_not_fit_the_env_are_refused(tmp_path, monkeypatch):
     for env, arm, m in (("darkroom", "compressed-r2", 2), ("dark_key_to_door", "compressed-r3", 3)):
         with pytest.raises(UserError, match=f"^--arms: {arm} is the compressed arm on {env} \\(max_regions={m} in "):
             study.check_arms(env, [arm], [])
-    with pytest.raises(UserError, match="exists for darkroom only"):
+    with pytest.raises(UserError, match="^arm compressed-adaptive exists for darkroom only, not darkroom_permuted; drop it"):
         study.check_arms("darkroom_permuted", ["compressed-adaptive"], [])
-    with pytest.raises(UserError, match=r"exists for darkroom only \(config/model/ad_dr_eps.yaml\)"):
-        study.check_arms("dark_key_to_door", ["compressed-eps"], [])
-    collect, model = study.arm_configs("darkroom", "compressed-eps")  # its own source, the compressed model
-    assert load_config(collect)["alg"] == "searcher-eps" and load_config(model)["alg"] == "searcher-eps"
-    assert load_config(model)["use_compressed_context"] and study.eval_prune_of("compressed-eps") == "model"
+    for env in ("darkroom", "dark_key_to_door", "darkroom_permuted"):  # its own source, the env's compressed model
+        collect, model = study.arm_configs(env, "compressed-eps")
+        c, m = load_config(collect), load_config(model)
+        assert c["alg"] == m["alg"] == "searcher-eps" and c["env"] == m["env"] == env
+        compressed = load_config(study.env_configs(env)["compressed"])
+        assert m["use_compressed_context"] and m["max_regions"] == compressed["max_regions"]
+        assert m["n_steps"] == compressed["n_steps"] and m["train_timesteps"] == compressed["train_timesteps"]
+    assert study.eval_prune_of("compressed-eps") == "model"
     compressed = tmp_path / "ad_xx_compressed.yaml"  # an env whose summary config does not exist
     compressed.write_text((ROOT / "config" / "model" / "ad_dr_compressed.yaml").read_text().replace(
         "include: ad_dr.yaml", f"include: {ROOT / 'config' / 'model' / 'ad_dr.yaml'}"))
