@@ -8,6 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# pytest-xdist (pyproject.toml's addopts) runs the test files on one worker per core: each worker's in-process torch
+# gets its share of the cores, as the scripts the tests start get one thread each (run_script)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 ROOT = Path(__file__).resolve().parent.parent
 # 2 train goals, 1 validation goal ((1,3)=12) and 2 test goals ((4,2)=38 and (5,6)=51)
