@@ -60,7 +60,7 @@ SCHEMA: dict[str, type] = {
 # tasks, so a collection takes them as well as a model config
 ENV_KEYS = ("env", "grid_size", "horizon", "env_split_seed", "train_env_ratio", "n_val_tasks", "n_train_tasks", "n_test_tasks")
 # every key collect.py reads: the env keys, the source algorithm's, and where / how (n_process, traj_dir);
-# history.COLLECT_KEYS is the subset that defines what is in the file. visualize_compression.py reads the same.
+# history.collect_key_names(alg) is the subset that defines what is in the file. visualize_compression.py reads the same.
 COLLECTION_KEYS = ENV_KEYS + (
     "alg", "alg_seed", "n_steps", "n_steps_per", "n_stream", "total_source_timesteps", "ppo_batch_size", "ppo_n_epochs",
     "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda", "ppo_clip_range", "ppo_net_arch", "ppo_observe_stage",

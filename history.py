@@ -23,19 +23,27 @@ def empty_history(n_total: int, n_stream: int) -> dict:
             "rewards": np.zeros(shape, np.int8), "next_states": np.zeros(shape + (2,), np.int8),
             "dones": np.zeros(shape, bool), "compress_start": np.zeros(shape, bool), "compress_end": np.zeros(shape, bool)}
 # every collection key that changes what is in the file; the file stores them (attrs["collect_keys"]) and a config
-# that differs on any of them is refused: a smoke collection at the default path is not the real dataset
-COLLECT_KEYS = (
-    "env", "grid_size", "horizon", "alg", "alg_seed", "n_steps", "n_steps_per", "n_stream", "total_source_timesteps",
-    "ppo_batch_size", "ppo_n_epochs", "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda",
-    "ppo_clip_range", "ppo_net_arch", "ppo_observe_stage", "ppo_fused_adam", "source_eps_start", "source_eps_regions",
-)
+# that differs on any of them is refused: a smoke collection at the default path is not the real dataset. The keys of
+# one source algorithm count only for files of that algorithm (a PPO file does not depend on source_eps_*).
+SHARED_COLLECT_KEYS = ("env", "grid_size", "horizon", "alg", "alg_seed", "n_steps", "n_steps_per", "n_stream",
+                       "total_source_timesteps")
+ALG_COLLECT_KEYS = {
+    "PPO": ("ppo_batch_size", "ppo_n_epochs", "ppo_lr", "ppo_ent_coef", "ppo_gamma", "ppo_gae_lambda", "ppo_clip_range",
+            "ppo_net_arch", "ppo_observe_stage", "ppo_fused_adam"),
+    "searcher-eps": ("source_eps_start", "source_eps_regions"),
+}
 # keys a config (and a file written before they existed) may leave out
 COLLECT_DEFAULTS = {"ppo_observe_stage": False, "n_steps_per": "task", "ppo_fused_adam": False, "source_eps_start": 1.0,
                     "source_eps_regions": 1}
 
 
+def collect_key_names(alg: str) -> tuple[str, ...]:
+    """The collection keys that define a file of source algorithm `alg`."""
+    return SHARED_COLLECT_KEYS + ALG_COLLECT_KEYS.get(alg, ())
+
+
 def collect_keys(cfg: dict) -> dict:
-    return {k: cfg.get(k, COLLECT_DEFAULTS[k]) if k in COLLECT_DEFAULTS else cfg[k] for k in COLLECT_KEYS}
+    return {k: cfg.get(k, COLLECT_DEFAULTS[k]) if k in COLLECT_DEFAULTS else cfg[k] for k in collect_key_names(cfg["alg"])}
 
 
 def open_history(path: str | Path) -> h5py.File:
@@ -61,8 +69,8 @@ def history_mismatch(f: h5py.File, cfg: dict) -> dict:
     except yaml.YAMLError:
         stored = {}
     want = collect_keys(cfg)
-    stored = {k: stored.get(k, COLLECT_DEFAULTS.get(k)) for k in COLLECT_KEYS}
-    return {k: (stored[k], want[k]) for k in COLLECT_KEYS if stored[k] != want[k]}
+    stored = {k: stored.get(k, COLLECT_DEFAULTS.get(k)) for k in want}
+    return {k: (stored[k], want[k]) for k in want if stored[k] != want[k]}
 
 
 def check_history(f: h5py.File, path: str | Path, cfg: dict) -> None:

@@ -173,6 +173,8 @@ def test_fused_adam_is_a_collection_key_that_reaches_sb3(tiny_history, tmp_path)
     with open_history(tiny_history["path"]) as f, pytest.raises(
             UserError, match=r"collected with ppo_fused_adam=False \(config: True\)"):
         check_history(f, "tiny.hdf5", cfg)
+    with open_history(tiny_history["path"]) as f:  # a PPO file does not depend on the searcher's noise keys
+        check_history(f, "tiny.hdf5", {**cfg, "ppo_fused_adam": False, "source_eps_start": 0.3, "source_eps_regions": 7})
 
 
 def test_searcher_eps_noise_falls_linearly_region_by_region():
@@ -250,6 +252,14 @@ def test_searcher_eps_collection_replays_with_ppo_markers_and_is_refused_with_ba
         t = np.arange(80)
         assert (f["12"]["compress_start"][:] == (t % 20 == 0)[:, None]).all()
         assert (f["12"]["compress_end"][:] == (t % 20 == 19)[:, None]).all()
+    from history import check_history, open_history
+
+    cfg = load_config("config/algorithm/searcher_eps_darkroom.yaml", over)
+    with open_history(path) as f:  # a searcher-eps file depends on its noise, not on the PPO keys it does not use
+        assert not any(k.startswith("ppo_") for k in yaml.safe_load(f.attrs["collect_keys"]))
+        check_history(f, path, {**cfg, "ppo_lr": 0.1, "ppo_n_epochs": 1})
+        with pytest.raises(UserError, match=r"collected with source_eps_start=0.0 \(config: 0.5\)"):
+            check_history(f, path, {**cfg, "source_eps_start": 0.5})
     with pytest.raises(UserError, match="alg must be one of PPO, searcher-eps"):
         load_config("config/algorithm/ppo_darkroom.yaml", ["alg=DQN"])
     with pytest.raises(UserError, match="searcher-eps writes regions of one length"):
