@@ -89,12 +89,12 @@ def test_a_collection_key_a_file_predates_reads_as_its_default(tmp_path):
     import yaml
 
     from common import UserError
-    from history import COLLECT_KEYS, check_history, collect_keys
+    from history import check_history, collect_key_names, collect_keys
 
     cfg = load_config("config/algorithm/ppo_darkroom.yaml")
     assert "ppo_observe_stage" not in cfg and collect_keys(cfg)["ppo_observe_stage"] is False
     old = {k: v for k, v in collect_keys(cfg).items() if k != "ppo_observe_stage"}
-    assert set(old) == set(COLLECT_KEYS) - {"ppo_observe_stage"}
+    assert set(old) == set(collect_key_names("PPO")) - {"ppo_observe_stage"}
     with h5py.File(tmp_path / "old.hdf5", "w") as f:
         f.attrs["collect_keys"] = yaml.safe_dump(old)
         check_history(f, "old.hdf5", cfg)  # fits
