@@ -115,9 +115,10 @@ def test_marker_and_padding_tokens_carry_no_state_even_after_training(state_embe
 
 
 def _train_losses(precision: str, compile_model: bool, steps: int = 4) -> list[float]:
-    """A few optimiser steps of a tiny compressed model under the given speed options, as train.py runs them."""
+    """A few optimiser steps of a tiny compressed model under the given speed options, as train.py runs them (one
+    layer: inductor's compile time grows with the graph, and one block has every kind of op the model has)."""
     torch.manual_seed(0)
-    m = AD(ADConfig(n_transit=32, d_model=32, n_layer=2, n_head=2, use_compressed_context=True))
+    m = AD(ADConfig(n_transit=32, d_model=32, n_layer=1, n_head=2, use_compressed_context=True))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     fn = torch.compile(m) if compile_model else m
     losses = []
