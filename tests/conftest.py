@@ -36,6 +36,24 @@ def run_script(script: str, *args: str, cwd: Path | None = None, check: bool = T
     return proc
 
 
+def assert_replays(data: dict, cfg: dict, task: int) -> None:
+    """Every stored transition of every stream of one task's history (`data`: the history fields, `[T, S, ...]`) is
+    what the env does from the stored state: the state, the next state (the terminal observation at an episode's end),
+    the reward and the episode end."""
+    from env import task_family
+
+    for s in range(data["actions"].shape[1]):
+        env = task_family(cfg).env(cfg, task)
+        obs, _ = env.reset()
+        for t in range(data["actions"].shape[0]):
+            assert (data["states"][t, s] == obs).all()
+            obs, r, _, trunc, _ = env.step(int(data["actions"][t, s]))
+            assert (data["next_states"][t, s] == obs).all()
+            assert data["rewards"][t, s] == r and data["dones"][t, s] == trunc
+            if trunc:
+                obs, _ = env.reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_history(tmp_path_factory) -> dict:
     """A tiny history file (5 goals x 4 streams x 80 steps, n_steps=20) made by collect.py."""

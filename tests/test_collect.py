@@ -2,7 +2,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_COLLECT, run_script
+from conftest import TINY_COLLECT, assert_replays, run_script
 
 from env import Darkroom, goal_to_pos
 
@@ -36,21 +36,12 @@ def test_every_transition_replays_through_the_env(tiny_history):
 
 
 def _assert_replays(path):
-    """Every stored transition of every goal and stream is what the env does from the stored state."""
+    """Every stored transition of every goal and stream of a history file is what the env does from the stored state."""
     with h5py.File(path, "r") as f:
+        cfg = yaml.safe_load(f.attrs["collect_keys"])
         for key in f:
             g = f[key]
-            d = {k: g[k][:] for k in ("states", "actions", "rewards", "next_states", "dones")}
-            for s in range(d["actions"].shape[1]):
-                env = Darkroom(goal=int(key))
-                obs, _ = env.reset()
-                for t in range(d["actions"].shape[0]):
-                    assert (d["states"][t, s] == obs).all()
-                    obs, r, _, trunc, _ = env.step(int(d["actions"][t, s]))
-                    assert (d["next_states"][t, s] == obs).all()  # the terminal observation at episode ends
-                    assert d["rewards"][t, s] == r and d["dones"][t, s] == trunc
-                    if trunc:
-                        obs, _ = env.reset()
+            assert_replays({k: g[k][:] for k in ("states", "actions", "rewards", "next_states", "dones")}, cfg, int(key))
 
 
 def test_rollout_length_per_goal_marks_each_goal_on_its_own_grid(adaptive_history):
@@ -217,10 +208,10 @@ def test_searcher_eps_history_is_random_at_eps_1_and_the_searcher_at_eps_0():
 @pytest.mark.parametrize("env,search_episodes", [("dark_key_to_door", 2 + 4), ("darkroom_permuted", 1)])
 def test_searcher_eps_history_on_the_other_envs_replays_and_ends_at_the_optimum(env, search_episodes):
     """Key-to-Door and Darkroom-permuted histories of the noise-free searcher (their configs' eps 0): every stored
-    transition is what the env does (replayed through BatchEnv with the stored actions), and every stream earns the
+    transition is what the env does (replayed with the stored actions), and every stream earns the
     task's optimum in every episode after the sweep bound."""
     from common import load_config
-    from env import BatchEnv, task_family, task_split
+    from env import task_family, task_split
     from searcher import noisy_history
 
     cfg = load_config(f"config/algorithm/searcher_eps_{env}.yaml")
@@ -228,13 +219,7 @@ def test_searcher_eps_history_on_the_other_envs_replays_and_ends_at_the_optimum(
     S, T, H = 20, cfg["total_source_timesteps"], cfg["horizon"]
     for task in task_split(cfg, "train")[:3]:
         d = noisy_history(cfg, task, S, seed=task)
-        replay = BatchEnv(cfg, [task] * S)
-        pos = replay.reset()
-        for t in range(T):
-            assert (d["states"][t] == pos).all()
-            pos, r, done = replay.step(d["actions"][t])
-            assert (d["rewards"][t] == r).all() and (d["next_states"][t] == replay.arrived).all()
-            assert (d["dones"][t] == done).all()
+        assert_replays(d, cfg, task)
         returns = d["rewards"].reshape(T // H, H, S).sum(axis=1)
         assert (returns[search_episodes:] == task_family(cfg).optimal_return(task, cfg)).all()
         assert d["compress_start"][::cfg["n_steps"]].all() and d["compress_end"].sum() == S * T // cfg["n_steps"]

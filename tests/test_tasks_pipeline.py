@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import run_script
+from conftest import assert_replays, run_script
 
 from common import UserError, env_configs, load_config, parse_goals
 from env import BatchEnv, selected_tasks, split_goals, task_family, task_split
@@ -161,16 +161,7 @@ def test_collection_holds_the_selection_and_replays_through_the_env(tiny_task_hi
                 assert tuple(g.attrs[name]) == tuple(value)
             d = {k: g[k][:] for k in ("states", "actions", "rewards", "next_states", "dones", "compress_start")}
             assert d["states"].shape == (100, 4, 2) and (d["compress_start"][:, 0] == (np.arange(100) % 25 == 0)).all()
-            for s in range(4):
-                env = family.env(cfg, task)
-                obs, _ = env.reset()
-                for t in range(100):
-                    assert (d["states"][t, s] == obs).all()
-                    obs, r, _, trunc, _ = env.step(int(d["actions"][t, s]))
-                    assert (d["next_states"][t, s] == obs).all()
-                    assert d["rewards"][t, s] == r and d["dones"][t, s] == trunc
-                    if trunc:
-                        obs, _ = env.reset()
+            assert_replays(d, cfg, task)
 
 
 # ---- collect -> train -> evaluate, per env and mode -------------------------------------------------------------------
