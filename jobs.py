@@ -52,11 +52,20 @@ def hand_over_core(running: dict) -> None:
             proc.send_signal(signal.SIGUSR1)
 
 
+def train_threads(n_jobs_left: int, max_jobs: int, cores: int | None = None) -> int:
+    """Intra-op threads for a training started while `n_jobs_left` jobs (itself included) are running or queued: one
+    where `max_jobs` will run at once, else its share of the cores no job will take (a lone training on 2 cores: 2).
+    Later, when a job ends, `hand_over_core` gives its core to a running training."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, min(max_jobs, n_jobs_left)))
+
+
 def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int = 2) -> None:
     """Run repo scripts `max_jobs` at a time (the next starts when one ends), one thread each (`OMP_NUM_THREADS=1`, and
     `num_threads=1` for train.py), each logging to its own file: on a 2-core CPU two single-thread trainings finish
-    sooner than the same two one after the other with 2 threads each (docs/experiments.md E7). A failure stops the
-    others and shows the failed job's log."""
+    sooner than the same two one after the other with 2 threads each (docs/experiments.md E7). A training that starts
+    with cores no other job will take (fewer jobs left than `max_jobs`) gets them as threads: `train_threads`. A failure
+    stops the others and shows the failed job's log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     queue, running = list(jobs.items()), {}
     start = time.perf_counter()
@@ -65,7 +74,8 @@ def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int
             while queue and len(running) < max_jobs:
                 name, (script, args, log) = queue.pop(0)
                 log.parent.mkdir(parents=True, exist_ok=True)
-                args = [*args, "num_threads=1"] if script == "train.py" else args  # others: OMP_NUM_THREADS=1
+                n = train_threads(len(running) + 1 + len(queue), max_jobs)
+                args = [*args, f"num_threads={n}"] if script == "train.py" else args  # others: OMP_NUM_THREADS=1
                 say(name, f"run: python {script} {' '.join(args)}  (log: {log})")
                 proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], env=env,
                                         stdout=log.open("w"), stderr=subprocess.STDOUT)

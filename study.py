@@ -484,6 +484,20 @@ def ppo_curve(cfg: dict, goals: list[int]) -> tuple[np.ndarray, int]:
     return R.mean(1), R.shape[1]
 
 
+def ppo_reference(cfg: dict, goals: list[int]) -> np.ndarray | None:
+    """The source PPO's returns on `goals` for the speed-up column (`ppo_returns`), or None where its history is not
+    collected: arms distilled from another source (compressed-eps) need none, and the report says how to add it."""
+    from common import history_path
+    from history import history_problem
+
+    problem = history_problem(history_path(cfg), goals, cfg)
+    if problem is not None:
+        say(f"no speed-up over PPO: the PPO history {history_path(cfg)} {problem}; collect it (python collect.py --config "
+            f"config/algorithm/{env_configs(cfg.get('env', 'darkroom'))['collect'].name}) and rerun this command for the column")
+        return None
+    return ppo_returns(cfg, goals)
+
+
 def searcher_returns(cfg: dict, goals: list[int], eval_seeds: list[int], episodes: int) -> tuple[np.ndarray, dict]:
     """The searcher on the test streams: [1, n_goals, n_eval_seeds x eval_streams, episodes] returns (evaluation seed e
     breaks its ties), and the seconds each evaluation seed took."""
@@ -572,16 +586,17 @@ def quality_points(summary: dict[str, dict], kv: dict[str, dict], window: str = 
             "missing": [a for a in summary if a not in {p["arm"] for p in points}]}
 
 
-def compute_statistics(returns: dict[str, np.ndarray], opt: np.ndarray, ppo: np.ndarray, reps: int,
+def compute_statistics(returns: dict[str, np.ndarray], opt: np.ndarray, ppo: np.ndarray | None, reps: int,
                        kv: dict[str, dict] | None = None) -> dict:
     """Everything the report says, from the arms' returns, the goals' optima, the source PPO's returns
-    [1, n_goals, n_stream, n_ppo_episodes] (the speed-up reference, whether or not `ppo` is an arm) and the arms' KV
-    sizes (`arm_kv`; the compression-quality points). Pure: no I/O."""
+    [1, n_goals, n_stream, n_ppo_episodes] (the speed-up reference, whether or not `ppo` is an arm; None without its
+    history: no speed-up, no PPO curve) and the arms' KV sizes (`arm_kv`; the compression-quality points). Pure: no I/O."""
     import study_stats as st
 
     arms, kv = list(returns), kv or {}
     summary = {a: st.arm_summary(R, opt, reps=reps) for a, R in returns.items()}
-    ppo_to90 = summary["ppo"]["to_threshold"] if "ppo" in summary else st.episodes_to_threshold(ppo, opt, reps=reps)
+    ppo_to90 = (summary["ppo"]["to_threshold"] if "ppo" in summary
+                else None if ppo is None else st.episodes_to_threshold(ppo, opt, reps=reps))
     pairs = comparison_pairs(arms)
     scores = {a: st.run_scores(returns[a], opt) for a in {x for p in pairs for x in p}}
     def agg(window: str) -> dict:  # rliable's mean and IQM of one column, as report.json has always held them
@@ -590,7 +605,8 @@ def compute_statistics(returns: dict[str, np.ndarray], opt: np.ndarray, ppo: np.
 
     return {
         "arms": arms, "summary": summary, "ppo_to_90": ppo_to90,
-        "speedup": {a: st.speedup(ppo_to90, summary[a]["to_threshold"], reps=reps) for a in arms},
+        "speedup": {a: None if ppo_to90 is None else st.speedup(ppo_to90, summary[a]["to_threshold"], reps=reps)
+                    for a in arms},
         "aggregate": agg("all"), "aggregate_last": agg("last"),
         "probability_of_improvement": st.probability_of_improvement(scores, pairs, reps=reps),
         "paired_differences": {f"{a} vs {b}": st.paired_goal_differences(returns[a], returns[b], opt, reps=reps)
@@ -598,8 +614,8 @@ def compute_statistics(returns: dict[str, np.ndarray], opt: np.ndarray, ppo: np.
         "first_reward": {a: st.first_reward_episode(R) for a, R in returns.items()},
         "curves": {a: st.curve_with_ci(R, opt, reps=min(reps, 1000)) for a, R in returns.items()},
         "per_goal": {a: (R.mean(axis=(0, 2, 3)) / opt).tolist() for a, R in returns.items()},
-        "ppo_normalised_curve": (ppo[0].mean(1) / opt[:, None]).mean(0).tolist(),
-        "ppo_streams": int(ppo.shape[2]),
+        "ppo_normalised_curve": None if ppo is None else (ppo[0].mean(1) / opt[:, None]).mean(0).tolist(),
+        "ppo_streams": None if ppo is None else int(ppo.shape[2]),
         "kv": {a: kv[a] for a in arms if a in kv},
         "quality": {w: quality_points(summary, kv, w) for w in ("all", "last")},
     }
@@ -701,8 +717,10 @@ def render_markdown(stats: dict, meta: dict) -> str:
          "is the floor) at which a run's 10-episode moving average reaches 0.9 of the optimum, median over runs with a "
          "two-stage bootstrap CI (never: the fraction that do not get there, counted as the run's length). Speed-up: the "
          "source PPO's median episodes needed over the arm's (episode + 1; >= where PPO's median is never, <= where the "
-         f"arm's is). The source PPO learns each goal with one learner whose every update pools its {n_ppo} streams, so per "
-         f"stream it learns from {n_ppo}x the data one AD stream sees in context.", "", meta["windows"], "",
+         "arm's is)." + (f" The source PPO learns each goal with one learner whose every update pools its {n_ppo} streams, "
+                         f"so per stream it learns from {n_ppo}x the data one AD stream sees in context." if n_ppo else
+                         " No speed-up column: the env's PPO history was not collected (collect.py, then rerun the "
+                         "study's command)."), "", meta["windows"], "",
          "| arm | T (val) | runs | first 10 | first 50 | all episodes | last | episodes to 90 % (median) | speed-up over "
          "PPO | first reward (median / p90 / max) | KV entries / stream (max / mean) |",
          "|---|---:|---:|---|---|---|---|---|---|---|---:|"]
@@ -710,17 +728,20 @@ def render_markdown(stats: dict, meta: dict) -> str:
     for a in arms:
         s, e90, sp, fr = summary[a], summary[a]["to_threshold"], stats["speedup"][a], stats["first_reward"][a]
         t = f"{temps[a]:g}" if temps.get(a) is not None else "-"
-        bound = ">= " if sp["at_least"] else "<= " if sp["at_most"] else ""
+        bound = "" if sp is None else ">= " if sp["at_least"] else "<= " if sp["at_most"] else ""
+        speed = "-" if sp is None else f"{bound}{fmt_ci(sp['ratio'], sp['ci'], '{:.2f}')}x"
         L.append(f"| {a} | {t} | {s['n_runs']} | {fmt_ci(s['first10']['mean'], s['first10']['ci'])} "
                  f"| {fmt_ci(s['first50']['mean'], s['first50']['ci'])} | {fmt_ci(s['all']['mean'], s['all']['ci'])} "
                  f"| last {s['last_episodes']}: {fmt_ci(s['last']['mean'], s['last']['ci'])} "
                  f"| {fmt_ci(e90['median'], e90['median_ci'], '{:.0f}')} of {e90['n_episodes']} (never: {e90['never_frac']:.1%}) "
-                 f"| {bound}{fmt_ci(sp['ratio'], sp['ci'], '{:.2f}')}x "
+                 f"| {speed} "
                  f"| {fr['median']:.0f} / {fr['p90']:.0f} / {fr['max']:.0f} "
                  f"| {fmt_kv(kv.get(a))} |")
     ppo_e90 = stats["ppo_to_90"]
-    L += ["", f"Source PPO (the speed-up reference): episodes to 90 % {ppo_e90['median']:.0f} of its {ppo_e90['n_episodes']} "
-          f"(never: {ppo_e90['never_frac']:.1%}).", "", "Robust aggregates (IQM):", "",
+    if ppo_e90:
+        L += ["", f"Source PPO (the speed-up reference): episodes to 90 % {ppo_e90['median']:.0f} of its "
+              f"{ppo_e90['n_episodes']} (never: {ppo_e90['never_frac']:.1%})."]
+    L += ["", "Robust aggregates (IQM):", "",
           "| arm | IQM, all episodes | IQM, last (each arm's last fifth, as above) |", "|---|---|---|"]
     for a in arms:
         s = summary[a]
@@ -759,10 +780,11 @@ def render_markdown(stats: dict, meta: dict) -> str:
         L.append(f"| {a} | {t['seconds']:.0f} | {t['steps_per_s']:.2f} | {t['targets_per_s']:,.0f} | {t['peak_rss_mb']:.0f} | "
                  f"{t['val_return_end']:.2f} | {np.mean(sd['seconds']):.1f} | {comp} |")
     ppo_norm = stats["ppo_normalised_curve"]
-    L += ["", f"Source PPO on the same goals (its own learning, {len(ppo_norm)} episodes per stream, {n_ppo} streams "
-          f"sharing one learner): "
-          f"normalised return {ppo_norm[0]:.3f} in its first episode, {np.mean(ppo_norm[-10:]):.3f} over its last 10.",
-          "", "![learning curves](learning_curves.png)", "", "![aggregates](aggregates.png)", ""]
+    if ppo_norm:
+        L += ["", f"Source PPO on the same goals (its own learning, {len(ppo_norm)} episodes per stream, {n_ppo} streams "
+              f"sharing one learner): normalised return {ppo_norm[0]:.3f} in its first episode, "
+              f"{np.mean(ppo_norm[-10:]):.3f} over its last 10."]
+    L += ["", "![learning curves](learning_curves.png)", "", "![aggregates](aggregates.png)", ""]
     return "\n".join(L)
 
 
@@ -777,7 +799,7 @@ def plot_learning_curves(stats: dict, temps: dict, n_goals: int, n_seeds: int, p
         label = f"{a} (T={temps[a]:g})" if temps.get(a) is not None else a
         ax.plot(x, c["mean"], color=color_of(a), label=label, linewidth=1.6)
         ax.fill_between(x, c["lo"], c["hi"], color=color_of(a), alpha=0.2)
-    if "ppo" not in stats["arms"]:
+    if "ppo" not in stats["arms"] and stats["ppo_normalised_curve"]:
         ppo_norm = stats["ppo_normalised_curve"]
         ax.plot(np.arange(1, len(ppo_norm) + 1), ppo_norm, color=COLORS["PPO (source)"], linestyle="-.",
                 label="PPO learning (source of the histories)")
@@ -853,7 +875,7 @@ def report_json(stats: dict, meta: dict) -> dict:
             "aggregate_last": stats["aggregate_last"],
             "table": {a: {k: strip(v) if k == "to_threshold" else v for k, v in s.items()}
                       for a, s in stats["summary"].items()},
-            "speedup_over_ppo": stats["speedup"], "ppo_episodes_to_90": strip(stats["ppo_to_90"]),
+            "speedup_over_ppo": stats["speedup"], "ppo_episodes_to_90": stats["ppo_to_90"] and strip(stats["ppo_to_90"]),
             "probability_of_improvement": stats["probability_of_improvement"],
             "paired_differences": stats["paired_differences"],
             "episodes_to_90": {a: strip(s["to_threshold"]) for a, s in stats["summary"].items()},
@@ -875,7 +897,7 @@ def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[
     goals = task_split(cfg, "test")
     opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in goals], dtype=np.float64)
     returns, side = arm_returns(root, cfg, arms, seeds, eval_seeds, temps, episodes)
-    stats = compute_statistics(returns, opt, returns["ppo"] if "ppo" in returns else ppo_returns(cfg, goals), reps,
+    stats = compute_statistics(returns, opt, returns["ppo"] if "ppo" in returns else ppo_reference(cfg, goals), reps,
                                kv=arm_kv(side))
     summary = side.get("compressed-summary", {}).get("summary")
     meta = {"goals": goals, "opt": opt, "seeds": seeds, "eval_seeds": eval_seeds, "temps": temps, "episodes": episodes,

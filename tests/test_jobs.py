@@ -66,8 +66,20 @@ def test_run_concurrently_gives_num_threads_only_to_trainings(tmp_path, monkeypa
             return 0
 
     monkeypatch.setattr(jobs.subprocess, "Popen", Done)
+    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 2)
     jobs.run_concurrently({"train": ("train.py", ["--run-dir", "r"], tmp_path / "t.log"),
                            "evaluate": ("evaluate.py", ["--run-dir", "r"], tmp_path / "e.log")})
     (train_cmd, t_env), (eval_cmd, e_env) = started
-    assert train_cmd[-1] == "num_threads=1" and "num_threads=1" not in eval_cmd  # evaluate.py reads no such key
+    assert train_cmd[-1] == "num_threads=1" and not any("num_threads" in a for a in eval_cmd)  # evaluate.py: no such key
     assert t_env == e_env == "1"
+    started.clear()
+    jobs.run_concurrently({"train": ("train.py", ["--run-dir", "r"], tmp_path / "t.log")})  # alone: both cores
+    assert started[0][0][-1] == "num_threads=2"
+
+
+def test_train_threads_gives_a_training_the_cores_no_other_job_will_take():
+    assert jobs.train_threads(n_jobs_left=5, max_jobs=2, cores=2) == 1  # two at once on 2 cores: one each
+    assert jobs.train_threads(n_jobs_left=1, max_jobs=2, cores=2) == 2  # the last one alone
+    assert jobs.train_threads(n_jobs_left=3, max_jobs=2, cores=8) == 4
+    assert jobs.train_threads(n_jobs_left=1, max_jobs=1, cores=1) == 1
+    assert jobs.train_threads(n_jobs_left=3, max_jobs=4, cores=2) == 1  # more jobs than cores: never 0

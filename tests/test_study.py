@@ -317,3 +317,29 @@ def test_summary_and_sweep_arms_in_the_tiny_study(tiny_study, tmp_path):
                    "Summaries (compressed-summary, recurrent, 4 tokens each"):
         assert phrase in md
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_a_ppo_history_leaves_the_speed_up_column_empty(tmp_path, monkeypatch):
+    """Arms of another source (compressed-eps, the searcher) need no PPO history: without one the report is written
+    with '-' for the speed-up, no PPO line or curve, and a line that says how to get the column."""
+    import study
+    from common import history_path, load_config
+
+    opt = np.array([10.0, 20.0])
+    R = np.zeros((2, 2, 4, 40))
+    R[..., 3:] = opt[None, :, None, None]
+    returns = {"compressed-eps": R, "searcher": R[:1]}
+    stats = study.compute_statistics(returns, opt, None, reps=50)
+    assert stats["speedup"] == {"compressed-eps": None, "searcher": None} and stats["ppo_to_90"] is None
+    meta = {"goals": [38, 51], "opt": opt, "seeds": [0, 1], "eval_seeds": [0], "episodes": 40, "reps": 50,
+            "windows": "Arms: ...", "temps": {"compressed-eps": 0.5, "searcher": None}, "train": {},
+            "side": {a: {"seconds": [1.0], "n_closes": 0, "n_forced_closes": 0} for a in returns}}
+    md = study.render_markdown(stats, meta)
+    row = next(line for line in md.splitlines() if line.startswith("| compressed-eps |"))
+    assert row.split("|")[9].strip() == "-" and "No speed-up column" in md and "Source PPO" not in md
+    assert json.loads(json.dumps(study.report_json(stats, meta)))["ppo_episodes_to_90"] is None
+    study.plot_learning_curves(stats, meta["temps"], 2, 2, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+    cfg = load_config(study.env_configs("darkroom")["standard"], [f"traj_dir={tmp_path}"])  # no history file there
+    assert not history_path(cfg).exists() and study.ppo_reference(cfg, [38, 51]) is None
