@@ -990,12 +990,15 @@ def main():
     n_tested = run_evals(root, specs, args.jobs, "test evaluation")
     t_eval = time.perf_counter() - start - t_collect - t_train
     regions = load_config(configs["compressed"], train_overrides)["max_regions"]  # the compressed arms' budget
+    timing = {"collect_s": t_collect, "train_s": t_train, "evaluate_s": t_eval, "trained_runs": n_trained,
+              "evaluations_run": n_tuned + n_tested}
+    did_work = n_trained or n_tuned + n_tested or not (report_dir / "timing.json").is_file()
+    if did_work:  # written before the report, so that a report that fails does not lose the work's timing
+        (report_dir / "timing.json").write_text(json.dumps(timing, indent=1))
     write_report(root, report_dir, cfg, arms, seeds, eval_seeds, temps, episodes, args.reps, regions)
     total = time.perf_counter() - start
-    timing = {"collect_s": t_collect, "train_s": t_train, "evaluate_s": t_eval, "total_s": total,
-              "trained_runs": n_trained, "evaluations_run": n_tuned + n_tested}
-    if n_trained or n_tuned + n_tested or not (report_dir / "timing.json").is_file():
-        (report_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+    if did_work:
+        (report_dir / "timing.json").write_text(json.dumps(timing | {"total_s": total}, indent=1))
     else:  # a rerun that only rewrote the report: the timing of the run that did the work stays
         say(f"nothing trained or evaluated: kept {report_dir / 'timing.json'} of the run that did the work")
     print((report_dir / "report.md").read_text())
