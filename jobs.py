@@ -40,16 +40,20 @@ def log_text(log: Path) -> str:
     return "\n".join(line.split("\r")[-1] for line in text.split("\n"))
 
 
-def hand_over_core(running: dict) -> None:
-    """A job ended and none is waiting: tell the running train.py jobs (SIGUSR1) that a core is free, so each takes one
-    more thread (train.take_free_core) and the last training does not leave a core idle. Jobs younger than
-    MIN_RUNNING_S are skipped: before train.py installs its handler, SIGUSR1 would end it."""
-    if not hasattr(signal, "SIGUSR1"):
-        return
+def hand_over_core(running: dict, owed: dict[str, int]) -> None:
+    """Cores freed while no job was waiting: tell each running train.py job the cores it is `owed` (SIGUSR1, one per
+    core), so it takes one more thread each (train.take_free_core) and the last training does not leave a core idle.
+    Jobs younger than MIN_RUNNING_S keep what they are owed until they are old enough (called again on every poll):
+    before train.py installs its handler, SIGUSR1 would end it. Jobs that are not trainings or have ended owe nothing."""
     now = time.perf_counter()
-    for proc, _, started in running.values():
-        if "train.py" in " ".join(map(str, proc.args)) and now - started >= MIN_RUNNING_S and proc.poll() is None:
+    for name, (proc, _, started) in running.items():
+        if not owed.get(name):
+            continue
+        if not hasattr(signal, "SIGUSR1") or "train.py" not in " ".join(map(str, proc.args)) or proc.poll() is not None:
+            owed.pop(name)
+        elif now - started >= MIN_RUNNING_S:
             proc.send_signal(signal.SIGUSR1)
+            owed[name] -= 1
 
 
 def train_threads(n_jobs_left: int, max_jobs: int, cores: int | None = None) -> int:
@@ -67,7 +71,7 @@ def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int
     with cores no other job will take (fewer jobs left than `max_jobs`) gets them as threads: `train_threads`. A failure
     stops the others and shows the failed job's log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    queue, running = list(jobs.items()), {}
+    queue, running, owed = list(jobs.items()), {}, {}
     start = time.perf_counter()
     try:
         while queue or running:
@@ -90,8 +94,11 @@ def run_concurrently(jobs: dict[str, tuple[str, list[str], Path]], max_jobs: int
                     raise UserError(f"stage '{name}' failed: exited with {rc} (its log {log} ends as above); fix it and "
                                     "re-run this command, finished stages are skipped")
                 say(name, f"done ({time.perf_counter() - start:.0f} s since the first started)")
-                if not queue:
-                    hand_over_core(running)
+                owed.pop(name, None)
+                if not queue:  # its core is free: the running trainings take it (one that just started, once it can)
+                    for other in running:
+                        owed[other] = owed.get(other, 0) + 1
+            hand_over_core(running, owed)
             time.sleep(0.5)
     finally:
         for proc, *_ in running.values():

@@ -29,9 +29,42 @@ def test_hand_over_core_signals_only_running_trainings_past_start_up():
     ended = FakeProc("train.py", alive=False)
     running = {"a": (old, None, now - 60), "b": (young, None, now - 1), "c": (evaluation, None, now - 60),
                "d": (ended, None, now - 60)}
-    jobs.hand_over_core(running)
+    owed = {"a": 1, "b": 1, "c": 1, "d": 1}
+    jobs.hand_over_core(running, owed)
     assert old.signals == [signal.SIGUSR1]
     assert young.signals == evaluation.signals == ended.signals == []  # too young for its handler, not a training, gone
+    assert owed == {"a": 0, "b": 1}  # the young training keeps its core until it can take it
+    jobs.hand_over_core(running, owed)
+    assert old.signals == [signal.SIGUSR1] and young.signals == []  # nothing is sent twice
+    running["b"] = (young, None, now - jobs.MIN_RUNNING_S - 1)  # a later poll, once it is old enough
+    jobs.hand_over_core(running, owed)
+    assert young.signals == [signal.SIGUSR1] and owed == {"a": 0, "b": 0}
+
+
+def test_run_concurrently_hands_a_freed_core_to_a_training_that_started_just_before(tmp_path, monkeypatch):
+    """The study's last seed starts when one of two trainings ends and the other ends seconds later, before the new
+    one can take a signal: it must still get the freed core once it has run MIN_RUNNING_S."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(jobs.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + 5))
+    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 2)
+    ends = {"seed0": 10, "seed1": 20, "seed2": 200}  # seed2 starts at ~10 s, seed1 ends at 20 s
+    procs = {}
+
+    class Proc(FakeProc):
+        def __init__(self, cmd, env, stdout, stderr):
+            super().__init__("train.py")
+            self.args, self.name = cmd, cmd[cmd.index("--run-dir") + 1]
+            procs[self.name] = self
+
+        def poll(self):
+            return 0 if clock["t"] >= ends[self.name] else None
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", Proc)
+    jobs.run_concurrently({n: ("train.py", ["--run-dir", n], tmp_path / f"{n}.log") for n in ends})
+    assert procs["seed2"].args[-1] == "num_threads=1"  # seed1 still ran when it started
+    assert procs["seed2"].signals == [signal.SIGUSR1]  # seed1's core, handed over once seed2 was past start-up
+    assert procs["seed0"].signals == procs["seed1"].signals == []  # nothing was freed while they ran with a queue
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to take a second one")
