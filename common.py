@@ -43,7 +43,7 @@ SCHEMA: dict[str, type] = {
     # model
     "model": str, "run_name": str, "use_compressed_context": bool, "n_transit": int,
     "compress_interval": int, "max_regions": int, "token_type_loss_weight": float, "min_source_return": float,
-    "region_stride": int, "first_region_any": bool, "target": str,
+    "region_stride": int, "first_region_any": bool, "first_region_steps": int, "target": str,
     "d_model": int, "n_layer": int, "n_head": int, "dropout": float, "state_embedding": str, "compile": bool,
     "use_summary": bool, "n_summary": int, "max_summaries": int, "summary_mode": str, "summary_train_regions": int,
     # training
@@ -225,6 +225,12 @@ def validate(cfg: dict) -> dict:
         raise UserError(f"min_source_return is a fraction of each task's optimum in [0, 1] (0: train on every task), got "
                         f"{cfg['min_source_return']!r}")
     first = cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"])
+    trained_first = cfg.get("first_region_steps", 0)
+    if trained_first < 0:
+        raise UserError(f"first_region_steps must be >= 0 (0: full first regions), got {trained_first!r}")
+    if trained_first and cfg.get("use_compressed_context") and first not in (0, trained_first):
+        raise UserError(f"first_region_steps={trained_first} trained for a first region of {trained_first} steps: "
+                        f"evaluate with eval_first_region={trained_first} or 0 (as trained), not {first}")
     if first < 0:
         raise UserError(f"eval_first_region must be >= 0 (0: the head closes the first region too), got {first!r}")
     if first and "n_transit" in cfg and not (cfg["use_compressed_context"] and first <= max_region_steps(cfg)):
@@ -251,6 +257,12 @@ EVAL_KEYS = ("eval_episodes", "eval_streams", "eval_temperature", "eval_window_s
 # eval keys added after runs may have been trained: a checkpoint (or an evaluation summary) without one used this value
 EVAL_DEFAULTS = {"eval_prune": "model", "eval_close_threshold": 0.0, "eval_first_region": 0}
 PRUNE_RULES = ("model", "fixed")  # compressed evaluation: close a region when the head says so / every compress_interval
+
+
+def first_region_steps(cfg: dict) -> int:
+    """The steps after which evaluation closes every stream's first region (0: the head decides): eval_first_region, or
+    0 for "as trained" (first_region_steps, the short first region a run was trained for)."""
+    return cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"]) or cfg.get("first_region_steps", 0)
 
 
 def max_region_steps(cfg: dict) -> int:

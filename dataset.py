@@ -5,6 +5,9 @@
   `region_stride` (1: consecutive regions, exactly the contexts evaluation keeps; s > 1: each region s PPO updates ahead
   of the one before it), fewer at the start of a history (`C r_k` for k < s, ...); action and token-type targets at
   every step token. `first_region_any` draws the one-region samples' region from the whole history, not only k < s.
+  `first_region_steps` N > 0 trains for a short first region (evaluation's `eval_first_region` N): a sample's oldest
+  region, where it plays the first region (a one-region sample, or a region r < s), keeps only its first N steps and
+  closes after them.
 - `target: oracle` (DPT, Lee et al. 2023): the action target at every step token is the env's optimal action in that
   state (`env.registry.TaskFamily.oracle_action`) instead of the source's action; the context is unchanged.
 
@@ -29,7 +32,7 @@ from summary import SummarySampler, trim
 READ = ("states", "actions", "rewards", "dones", "compress_start", "compress_end")  # the history fields training reads
 TARGETS = ("action", "oracle")  # `target`: the source's action (AD) or the env's optimal action (DPT)
 # training keys added after runs were trained: a saved config without one trained with this value
-TRAINING_DEFAULTS = {"region_stride": 1, "first_region_any": False, "target": "action"}
+TRAINING_DEFAULTS = {"region_stride": 1, "first_region_any": False, "first_region_steps": 0, "target": "action"}
 
 
 def stream_tokens(states, actions, rewards, dones, grid_size):
@@ -128,6 +131,14 @@ def check_training_keys(cfg: dict) -> None:
                         "region_stride=1")
     if cfg.get("first_region_any", False) and not cfg["use_compressed_context"]:
         raise UserError("first_region_any=true is for compressed mode (use_compressed_context=true); set it false")
+    first = cfg.get("first_region_steps", 0)
+    if first and not cfg["use_compressed_context"]:
+        raise UserError(f"first_region_steps={first} is for compressed mode (use_compressed_context=true); set it 0")
+    if first and first >= cfg["compress_interval"]:
+        raise UserError(f"first_region_steps={first} is not shorter than a region (compress_interval="
+                        f"{cfg['compress_interval']}): set it below, or 0")
+    if first and cfg.get("use_summary"):
+        raise UserError(f"first_region_steps={first} is not implemented with summary tokens (use_summary=true); set it 0")
 
 
 class HistoryDataset(IterableDataset):
@@ -138,6 +149,7 @@ class HistoryDataset(IterableDataset):
         check_training_keys(cfg)
         self.stride = cfg.get("region_stride", 1)
         self.first_region_any = cfg.get("first_region_any", False)
+        self.first_steps = cfg.get("first_region_steps", 0)
         self.data = load_history(path, cfg, task_split(cfg, split), need_markers=self.compressed)
         if not self.data:
             raise UserError(f"history file {path} holds none of the {split} goals; collect all goals (no --goals)")
@@ -268,13 +280,20 @@ class HistoryDataset(IterableDataset):
 
     def _compressed_sample(self, b, i, d, stream, k, n_regions=None):
         """`C r_{k-(n-1)s} E ... E C r_k` (`sample_regions`): the newest region k and the closed regions before it that
-        evaluation would keep (stride 1: the `_get_compressed_context_sample` of the docs, for any max_regions)."""
+        evaluation would keep (stride 1: the `_get_compressed_context_sample` of the docs, for any max_regions); with
+        first_region_steps N, the oldest region cut to its first N steps where it plays the first region."""
         regions, at = d["regions"][stream], 0
         chosen = self.sample_regions(k, n_regions)
         for j, r in enumerate(chosen):
             b["type_ids"][i, at] = COMPRESS_START
-            at = self._put_steps(b, i, at + 1, d, stream, *regions[r])
-            b["region_lens"][i, j] = regions[r, 1] - regions[r, 0]
+            t0, t1 = regions[r]
+            short = self.first_steps and j == 0 and (len(chosen) == 1 or r < self.stride) and t1 - t0 > self.first_steps
+            if short:  # it plays the first region: its first first_region_steps steps, then it closes
+                t1 = t0 + self.first_steps
+            at = self._put_steps(b, i, at + 1, d, stream, t0, t1)
+            if short:
+                b["target_token_type"][i, at - 1] = COMPRESS_END
+            b["region_lens"][i, j] = t1 - t0
             if r < k:
                 b["type_ids"][i, at] = COMPRESS_END
                 at += 1

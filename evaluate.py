@@ -34,6 +34,7 @@ from common import (
     add_print_config,
     apply_overrides,
     default_run_dir,
+    first_region_steps,
     load_config,
     make_parser,
     max_region_steps,
@@ -152,7 +153,8 @@ class RegionPruner:
     """Compressed mode's regions: after each step, which streams close their region, and the oldest region dropped.
 
     A region closes when the token-type head says `</compress>` (P >= eval_close_threshold), or every
-    `compress_interval` steps with eval_prune=fixed; with eval_first_region > 0 every stream's first region is closed
+    `compress_interval` steps with eval_prune=fixed; with eval_first_region > 0 (or a run trained with
+    first_region_steps > 0 and eval_first_region 0, "as trained") every stream's first region is closed
     after that many steps whatever the head says (a rhythm the model did not choose, which it must read from its
     context); a region that reaches max_region_steps is closed for it (a forced close). A closing stream gets
     `</compress>`, loses its oldest region if it then holds more than `max_regions`, and opens the next with `<compress>`.
@@ -168,7 +170,7 @@ class RegionPruner:
         self.interval = cfg["compress_interval"] if fixed else None  # the compressed-fixed arm: the grid decides
         self.threshold = cfg.get("eval_close_threshold", EVAL_DEFAULTS["eval_close_threshold"])
         self.max_region_len = max_region_steps(cfg)  # longest region the model may keep open (then a forced close)
-        self.first_region = cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"])
+        self.first_region = first_region_steps(cfg)  # eval_first_region, or the one the run was trained for
         self.in_first = np.full(B, self.first_region > 0)
         # index of each kept region's <compress> (first n_regions[b] columns; one spare for the region being opened)
         self.region_starts = np.zeros((B, self.max_regions + 1), dtype=np.int64)
@@ -352,7 +354,7 @@ def summarize(res: dict, goals: list[int], cfg: dict) -> dict:
             "n_closes": sum(len(c) for c in res["closes"]), "precision_compress_end": None, "recall_compress_end": None}
         s["compression"] = {**grid, **region_stats(res["closes"], res["forced_closes"], res.get("set_closes")),
                             "n_forced_closes": sum(len(c) for c in res["forced_closes"]),
-                            "first_region_set": cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"]),
+                            "first_region_set": first_region_steps(cfg),
                             **prune_quality(res["rewards"], res["prunes"], H),
                             "close_steps": [list(map(int, c)) for c in res["closes"]],
                             "forced_close_steps": [list(map(int, c)) for c in res["forced_closes"]],

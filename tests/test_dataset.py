@@ -348,6 +348,41 @@ def test_first_region_any_draws_one_region_samples_from_every_region(tiny_histor
     assert abs(single[True][1] - stride / 4) < 0.1 and abs(single[False][1] - stride / 4) < 0.1  # the same share: s of 4
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_short_first_region_is_trained_where_a_region_plays_the_first(tiny_history, stride):
+    """first_region_steps=N (evaluated as eval_first_region=N): a sample whose oldest region plays the first region (a
+    one-region sample, or a region r < stride) keeps only that region's first N steps, which close it (`</compress>`
+    target at step N); every other sample, and every region after the oldest, is the batch it was without the key."""
+    from dataset import stream_tokens
+
+    over = tiny_history["compressed"] + [f"region_stride={stride}"]
+    hist = {g: _history(tiny_history, g) for g in (0, 1)}
+    tokens = {g: stream_tokens(h["states"], h["actions"], h["rewards"], h["dones"], 9) for g, h in hist.items()}
+    full, short = (HistoryDataset(tiny_history["path"], load_config("config/model/ad_dr_compressed.yaml", over + o),
+                                  "train", batch_size=64, seed=3).batch(0)
+                   for o in ([], ["first_region_steps=8"]))
+    full, short = ({k: v.numpy() for k, v in x.items()} for x in (full, short))
+    assert (full["n_regions"] == short["n_regions"]).all()
+    cut = 0
+    for i in range(64):
+        n = int(full["n_regions"][i])
+        hits = _sample_regions_in_history(full, i, hist, tokens)
+        assert hits, f"sample {i} is not regions of a train stream"
+        first = n == 1 or min(hits[0][2][0]) < stride  # the oldest region plays the first region
+        assert short["region_lens"][i, 0] == (8 if first else 20) and (short["region_lens"][i, 1:n] == 20).all()
+        if not first:
+            assert all((full[k][i] == short[k][i]).all() for k in full if k not in ("n_regions", "region_lens"))
+            continue
+        cut += 1
+        for k in ("type_ids", "state_ids", "prev_ids", "target_action", "target_token_type"):
+            want = np.concatenate([full[k][i, :9], full[k][i, 21 : 21 + 22 * (n - 1)]])
+            if k == "target_token_type":
+                want[8] = COMPRESS_END  # the short region closes after its 8th step
+            assert (short[k][i, : len(want)] == want).all(), k
+        assert short["type_ids"][i, :10].tolist() == [COMPRESS_START] + [STEP] * 8 + [COMPRESS_END if n > 1 else STEP]
+    assert 0 < cut and (cut < 64) == (stride == 1)  # 4 regions a stream: at stride 2 every oldest region is r < 2
+
+
 def test_the_stage_before_each_step_counts_the_episode_rewards():
     from dataset import episode_stage
 
@@ -393,9 +428,19 @@ def test_bad_sampling_keys_are_refused_in_one_line(tiny_history):
 
     for over, msg in ((["target=ppo"], "target must be one of action, oracle"),
                       (["region_stride=2"], "region_stride=2 is for compressed mode"),
-                      (["first_region_any=true"], "first_region_any=true is for compressed mode")):
+                      (["first_region_any=true"], "first_region_any=true is for compressed mode"),
+                      (["first_region_steps=20"], "first_region_steps=20 is for compressed mode")):
         cfg = load_config("config/model/ad_dr.yaml", tiny_history["standard"] + over)
         with pytest.raises(UserError, match=msg):
             HistoryDataset(tiny_history["path"], cfg, "train", 2, seed=0)
     with pytest.raises(UserError, match="region_stride' must be > 0"):
         load_config("config/model/ad_dr_compressed.yaml", tiny_history["compressed"] + ["region_stride=0"])
+    with pytest.raises(UserError, match="first_region_steps=8 trained for a first region of 8 steps: evaluate with "
+                                        "eval_first_region=8 or 0 \\(as trained\\), not 4"):
+        load_config("config/model/ad_dr_compressed.yaml", tiny_history["compressed"] + ["first_region_steps=8",
+                                                                                        "eval_first_region=4"])
+    cfg = load_config("config/model/ad_dr_compressed.yaml", tiny_history["compressed"] + ["first_region_steps=20"])
+    with pytest.raises(UserError, match="first_region_steps=20 is not shorter than a region \\(compress_interval=20\\)"):
+        HistoryDataset(tiny_history["path"], cfg, "train", 2, seed=0)
+    with pytest.raises(UserError, match="first_region_steps must be >= 0"):
+        load_config("config/model/ad_dr_compressed.yaml", tiny_history["compressed"] + ["first_region_steps=-1"])

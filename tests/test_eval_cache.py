@@ -95,11 +95,14 @@ def test_cached_evaluation_is_deterministic_for_a_seed(monkeypatch):
 
 
 @pytest.mark.parametrize("close_bias", [-10.0, 10.0])
-def test_first_region_closed_for_the_model_then_the_head_decides(close_bias, monkeypatch):
-    """eval_first_region=4: every stream's first region closes after 4 steps whatever the head says (a head that never
-    closes, or one that always does); after it the head, or the forced close at the longest region, decides. Cached and
-    uncached runs agree, and the report counts how many later regions kept the set length."""
-    model, cfg = _setup(True, ["n_transit=24", "eval_first_region=4"], close_bias)
+@pytest.mark.parametrize("key", ["eval_first_region", "first_region_steps"])
+def test_first_region_closed_for_the_model_then_the_head_decides(close_bias, key, monkeypatch):
+    """eval_first_region=4 (or a run trained with first_region_steps=4, evaluated as trained): every stream's first
+    region closes after 4 steps whatever the head says (a head that never closes, or one that always does); after it the
+    head, or the forced close at the longest region, decides. Cached and uncached runs agree, and the report counts how
+    many later regions kept the set length."""
+    model, cfg = _setup(True, ["n_transit=24", f"{key}=4"], close_bias)
+    assert cfg["eval_first_region"] == (4 if key == "eval_first_region" else 0)
     cached, _ = _run(model, cfg, True, monkeypatch)
     uncached, _ = _run(model, cfg, False, monkeypatch)
     _assert_same(cached, uncached)
