@@ -225,10 +225,8 @@ def validate(cfg: dict) -> dict:
         raise UserError(f"min_source_return is a fraction of each task's optimum in [0, 1] (0: train on every task), got "
                         f"{cfg['min_source_return']!r}")
     first = cfg.get("eval_first_region", EVAL_DEFAULTS["eval_first_region"])
-    trained_first = cfg.get("first_region_steps", 0)
-    if trained_first < 0:
-        raise UserError(f"first_region_steps must be >= 0 (0: full first regions), got {trained_first!r}")
-    if trained_first and cfg.get("use_compressed_context") and first not in (0, trained_first):
+    trained_first = cfg.get("first_region_steps", 0)  # >= 0: the loop over counts below
+    if trained_first > 0 and cfg.get("use_compressed_context") and first not in (0, trained_first):
         raise UserError(f"first_region_steps={trained_first} trained for a first region of {trained_first} steps: "
                         f"evaluate with eval_first_region={trained_first} or 0 (as trained), not {first}")
     if first < 0:
@@ -240,7 +238,8 @@ def validate(cfg: dict) -> dict:
         raise UserError(f"eval_prune must be one of {', '.join(PRUNE_RULES)}; got {cfg['eval_prune']!r}")
     if "env" in cfg and cfg["env"] not in ENV_CONFIGS:
         raise UserError(f"unknown env {cfg['env']!r}: use one of {', '.join(ENV_CONFIGS)} (config/env/*.yaml)")
-    for k in ("n_val_tasks", "n_train_tasks", "n_test_tasks", "val_episodes", "val_streams", "num_threads"):
+    for k in ("n_val_tasks", "n_train_tasks", "n_test_tasks", "val_episodes", "val_streams", "num_threads",
+              "first_region_steps"):
         if cfg.get(k, 0) < 0:
             raise UserError(f"config key '{k}' must be >= 0, got {cfg[k]!r}")
     if cfg.get("weight_decay_on", "all") not in ("all", "matrices"):

@@ -442,5 +442,5 @@ def test_bad_sampling_keys_are_refused_in_one_line(tiny_history):
     cfg = load_config("config/model/ad_dr_compressed.yaml", tiny_history["compressed"] + ["first_region_steps=20"])
     with pytest.raises(UserError, match="first_region_steps=20 is not shorter than a region \\(compress_interval=20\\)"):
         HistoryDataset(tiny_history["path"], cfg, "train", 2, seed=0)
-    with pytest.raises(UserError, match="first_region_steps must be >= 0"):
+    with pytest.raises(UserError, match="config key 'first_region_steps' must be >= 0, got -1"):
         load_config("config/model/ad_dr_compressed.yaml", tiny_history["compressed"] + ["first_region_steps=-1"])
