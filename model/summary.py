@@ -65,6 +65,16 @@ def attention_mask(region_ids, is_summary, first_raw, mode: str, max_summaries: 
     return (rule & causal & (k_r >= 0)) | eye
 
 
+def key_ranges(mask: torch.Tensor, chunk: int) -> list[tuple[int, int, int]]:
+    """Query chunks `(start, stop, lo)` of a (B, T, T) mask such that every key a query in `start..stop-1` may see lies
+    in `lo..stop-1` (for every row of the batch): attention computed chunk by chunk over those keys only equals the
+    full masked attention. A pruned region's tokens see only their region and the summaries just before it, so most of
+    the (T, T) square is masked out and the chunks skip it (the CPU flash kernel skips masked blocks only when causal)."""
+    T = mask.shape[1]
+    first = torch.where(mask.any(0), torch.arange(T, device=mask.device), T).amin(1).tolist()  # first visible key per query
+    return [(a, min(T, a + chunk), min(first[a:a + chunk])) for a in range(0, T, chunk)]
+
+
 def layout_positions(region_ids, first_raw) -> torch.Tensor:
     """(B, T) positions: each pruned region restarts at 0, and so does the raw part (at its oldest region); padding
     (region -1) is at 0."""

@@ -11,8 +11,8 @@ import torch
 import evaluate
 from common import ROOT, UserError, load_config
 from model import AD, ADConfig
-from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, STEP, SUMMARY
-from model.summary import attention_mask, layout_positions
+from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, STEP, SUMMARY, masked_attention
+from model.summary import attention_mask, key_ranges, layout_positions
 from summary import SummarySampler
 
 N_SUMMARY, L = 2, 3  # summary tokens per region, steps per region of the constructed streams
@@ -135,6 +135,26 @@ def test_perturbing_a_pruned_region_reaches_later_tokens_only_through_summaries(
     assert (raw_logits(b, False) - raw_logits(perturbed, False)).abs().max() > 1e-4  # the cue reaches them...
     torch.testing.assert_close(raw_logits(b, True), raw_logits(perturbed, True), rtol=0, atol=0)  # ...only this way
     torch.testing.assert_close(model(b)["logits_action"][0, raw], raw_logits(b, False))  # forward = this layout
+
+
+@pytest.mark.parametrize("mode", ["accumulate", "recurrent"])
+@pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
+def test_chunked_attention_sees_every_visible_key_and_equals_one_call(mode, chunk):
+    kept = 2 if mode == "accumulate" else 1
+    cfg = sampler_cfg(mode=mode, kept=kept, back=2)
+    b = sample(cfg, stream(4), k=3)
+    mask = mask_of(b, cfg)[None]
+    ranges = key_ranges(mask, chunk)
+    T = mask.shape[1]
+    assert [a for a, _, _ in ranges] == list(range(0, T, chunk)) and ranges[-1][1] == T
+    for a, stop, lo in ranges:  # every key a query of the chunk sees is inside lo..stop-1, and lo is the first one seen
+        assert not mask[0, a:stop, :lo].any() and not mask[0, a:stop, stop:].any() and mask[0, a:stop, lo].any()
+    if mode == "recurrent" and chunk == 4:  # a pruned region's chunk skips the regions before it
+        assert max(lo for _, _, lo in ranges) > 0
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, T, 8, generator=g) for _ in range(3))
+    torch.testing.assert_close(masked_attention(q, k, v, mask[:, None], 0.0, ranges),
+                               masked_attention(q, k, v, mask[:, None], 0.0))
 
 
 def test_forward_on_sampler_batches_and_no_summary_targets():
