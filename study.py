@@ -20,11 +20,12 @@ Optional arms (`--arms`; not in the default study, so its cost is unchanged):
 - searcher: the hand-written searcher with memory across episodes (searcher.py), on the same test streams
   (eval_streams x every evaluation seed); not trained, no temperature;
 - ppo: the source PPO's own learning, per stream, from the history file's rewards (each update pools a goal's n_stream
-  streams); not trained or evaluated, no temperature.
+  streams); not trained or evaluated, no temperature; source-eps: the same for the AD-eps source (compressed-eps's).
 - compressed-adaptive: compressed AD on Darkroom histories whose rollout length differs by stream (its own file).
 - compressed-eps: compressed AD on histories of the AD-eps source (the searcher, with the noise falling region by region
   that config/algorithm/searcher_eps_<env>.yaml sets: none, chosen on Darkroom's validation goals; its own file) instead
-  of PPO's; the env's config/model/ad_{dr,kd,dp}_eps.yaml.
+  of PPO's; the env's config/model/ad_{dr,kd,dp}_eps.yaml; compressed-eps-stride<s> (s >= 2): the same with
+  region_stride=s. The noise is the collection config's (override source_eps_start / source_eps_regions for another).
 - compressed-summary: compressed AD with summary tokens (summary.py): max_regions raw regions plus the summaries
   of older ones, the env's config/model/ad_{dr,kd,dp}_summary.yaml (one recurrent summary, chosen on validation goals:
   docs/experiments.md E41), evaluated with the model's `</compress>`; compressed-summary-accumulate: the same config
@@ -77,14 +78,16 @@ from common import (
 from plots import pyplot
 
 ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
-OPTIONAL_ARMS = ("compressed-adaptive", "compressed-eps", "dpt", "searcher", "ppo", "compressed-summary",
+OPTIONAL_ARMS = ("compressed-adaptive", "compressed-eps", "dpt", "searcher", "ppo", "source-eps", "compressed-summary",
                  "compressed-summary-accumulate")  # and the patterns below
-REFERENCE_ARMS = ("searcher", "ppo")  # reference learners: no checkpoint, no temperature
-STRIDE_ARM = re.compile(r"compressed-stride([0-9]+)(-any)?")  # compressed AD trained with region_stride=s (-any:
-# and first_region_any=true)
+REFERENCE_ARMS = ("searcher", "ppo", "source-eps")  # reference learners: no checkpoint, no temperature
+SOURCE_MODE = {"source-eps": "eps"}  # reference arms read from a history file other than PPO's: the mode they source
+STRIDE_ARM = re.compile(r"compressed(-eps)?-stride([0-9]+)(-any)?")  # compressed AD (-eps: compressed-eps) trained with
+# region_stride=s (-any: and first_region_any=true)
 REGIONS_ARM = re.compile(r"compressed-r([0-9]+)")  # compressed AD with max_regions=m (the compression-quality sweep)
 WINDOW_ARM = re.compile(r"standard-([0-9]+)")  # standard AD, a FIFO window of w / 80 rollouts (Darkroom's sizes)
 ARM_PATTERNS = ("compressed-stride<s> (s >= 2; compressed is stride 1), compressed-stride<s>-any (s >= 1), "
+                "compressed-eps-stride<s> (s >= 2; compressed-eps is stride 1), "
                 "compressed-r<m> (m >= 1 regions), "
                 "standard-<w> (w = 80 k: a window of k >= 1 rollouts)")
 ACCUMULATE_SUMMARIES = 3  # compressed-summary-accumulate's max_summaries: the summary configs' summary_train_regions
@@ -129,23 +132,31 @@ TUNE_EVAL_SEED = 1000  # validation rollouts use their own sampling seed, never 
 COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": "tab:green", "compressed-fixed": "tab:olive",
           "compressed-adaptive": "tab:purple", "compressed-eps": "magenta",
           "PPO (source)": "tab:gray", "dpt": "tab:red", "searcher": "tab:brown",
-          "ppo": "tab:gray", "compressed-summary": "tab:orange", "compressed-summary-accumulate": "chocolate"}
+          "ppo": "tab:gray", "source-eps": "violet", "compressed-summary": "tab:orange",
+          "compressed-summary-accumulate": "chocolate"}
 STRIDE_COLORS = ("tab:pink", "darkgreen", "lime", "teal")
 STRIDE_ANY_COLORS = ("gold", "sienna", "orchid", "black")  # compressed-stride<s>-any, by s
+EPS_STRIDE_COLORS = ("darkviolet", "indigo", "mediumvioletred", "plum")  # compressed-eps-stride<s>, by s
 REGIONS_COLORS = ("darkseagreen", "yellowgreen", "forestgreen", "darkolivegreen", "seagreen")  # by m
 WINDOW_COLORS = ("steelblue", "lightsteelblue", "navy", "slateblue", "royalblue")  # by k
 
 
 def stride_of(arm: str) -> int | None:
-    """s of an arm compressed-stride<s>, else None."""
+    """s of an arm compressed-stride<s> or compressed-eps-stride<s>, else None."""
     m = STRIDE_ARM.fullmatch(arm)
-    return int(m.group(1)) if m else None
+    return int(m.group(2)) if m else None
 
 
 def first_any_of(arm: str) -> bool:
     """Is `arm` a compressed-stride<s>-any (trained with first_region_any=true)?"""
     m = STRIDE_ARM.fullmatch(arm)
-    return bool(m and m.group(2))
+    return bool(m and m.group(3))
+
+
+def stride_base(arm: str) -> str:
+    """The stride-1 arm a strided arm is compared with: compressed, or compressed-eps for compressed-eps-stride<s>."""
+    m = STRIDE_ARM.fullmatch(arm)
+    return "compressed-eps" if m and m.group(1) else "compressed"
 
 
 def regions_of(arm: str) -> int | None:
@@ -181,7 +192,8 @@ def trained_spec(arm: str):
     trained arm."""
     s, m, k = stride_of(arm), regions_of(arm), rollouts_of(arm)
     if s:
-        return "compressed", lambda n: [f"region_stride={s}", *(["first_region_any=true"] if first_any_of(arm) else [])]
+        return ("eps" if stride_base(arm) == "compressed-eps" else "compressed"), lambda n: [
+            f"region_stride={s}", *(["first_region_any=true"] if first_any_of(arm) else [])]
     if m:
         return "compressed", lambda n: [f"max_regions={m}", f"n_transit={compressed_context(n, m)}"]
     if k and arm not in TRAINED:
@@ -197,7 +209,9 @@ def eval_prune_of(arm: str) -> str | None:
 def color_of(arm: str) -> str:
     s, m, k = stride_of(arm), regions_of(arm), rollouts_of(arm)
     if s:
-        return (STRIDE_ANY_COLORS if first_any_of(arm) else STRIDE_COLORS)[s % len(STRIDE_COLORS)]
+        colors = (EPS_STRIDE_COLORS if stride_base(arm) == "compressed-eps" else
+                  STRIDE_ANY_COLORS if first_any_of(arm) else STRIDE_COLORS)
+        return colors[s % len(colors)]
     if m:
         return REGIONS_COLORS[m % len(REGIONS_COLORS)]
     return COLORS.get(arm) or WINDOW_COLORS[(k or 0) % len(WINDOW_COLORS)]
@@ -233,7 +247,7 @@ def say(msg: str) -> None:
 # ---- stage 1-2: data and training ---------------------------------------------------------------------------------
 def arm_configs(env: str, arm: str) -> tuple[Path, Path]:
     """(collection config, model config) an arm trains with (a reference arm: the env's history and standard config)."""
-    mode = trained_spec(checkpoint_of(arm))[0] if is_trained(arm) else "standard"
+    mode = trained_spec(checkpoint_of(arm))[0] if is_trained(arm) else SOURCE_MODE.get(arm, "standard")
     if mode in OWN_SOURCE_MODES:
         if mode not in OWN_SOURCE.get(env, {}):
             has = [e for e, modes in OWN_SOURCE.items() if mode in modes]
@@ -249,6 +263,12 @@ def arm_configs(env: str, arm: str) -> tuple[Path, Path]:
     return env_configs(env)["collect"], env_configs(env)[mode]
 
 
+def collection_overrides(config: Path, overrides: list[str]) -> list[str]:
+    """The study's overrides a collection config takes: its own keys and the env's."""
+    keys = set(load_config(config)) | set(ENV_KEYS)
+    return [o for o in overrides if o.split("=", 1)[0].strip() in keys]
+
+
 def stage_collect(overrides: list[str], env: str, arms: list[str]) -> None:
     """For each history the arms train on: collect every task unless the file of that config exists and holds the
     validation and test tasks (training uses whichever training tasks it holds; a file of another config is refused)."""
@@ -258,8 +278,7 @@ def stage_collect(overrides: list[str], env: str, arms: list[str]) -> None:
     from jobs import run_stage
 
     for config in sorted({arm_configs(env, a)[0] for a in arms if a != "searcher"}):  # the searcher needs no history
-        keys = set(load_config(config)) | set(ENV_KEYS)
-        over = [o for o in overrides if o.split("=", 1)[0].strip() in keys]
+        over = collection_overrides(config, overrides)
         cfg = load_config(config, over)
         path = history_path(cfg)
         problem = history_problem(path, sorted(task_split(cfg, "val") + task_split(cfg, "test")), cfg)
@@ -464,7 +483,8 @@ def stage_tune(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[in
 def ppo_returns(cfg: dict, goals: list[int]) -> np.ndarray:
     """The source PPO's own learning, per stream: [1, n_goals, n_stream, n_episodes] episode returns from the history
     file's rewards (the study's returns layout, one "seed": the one collection). Episodes of every stream are aligned in
-    time, and each PPO update pools all n_stream streams of a goal (one learner)."""
+    time, and each PPO update pools all n_stream streams of a goal (one learner). The same for any source whose history
+    `cfg` names (source-eps: the AD-eps searcher's, one learner per stream)."""
     from common import history_path
     from history import open_history
 
@@ -512,9 +532,10 @@ def searcher_returns(cfg: dict, goals: list[int], eval_seeds: list[int], episode
 
 
 def arm_returns(root: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int], temps: dict,
-                episodes: int) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+                episodes: int, overrides: list[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """Every arm's test returns [n_seeds, n_goals, n_runs per seed, n_episodes] (the trained arms' saved evaluations; the
-    searcher run here; the source PPO from its history) and its side numbers (closes, seconds)."""
+    searcher run here; the source PPO, and source-eps, from their history files: the collection config with the study's
+    `overrides`) and its side numbers (closes, seconds)."""
     from env import task_split
 
     goals = task_split(cfg, "test")
@@ -522,6 +543,10 @@ def arm_returns(root: Path, cfg: dict, arms: list[str], seeds: list[int], eval_s
     for arm in arms:
         if arm == "ppo":
             returns[arm], side[arm] = ppo_returns(cfg, goals), {"seconds": [0.0]}
+        elif arm in SOURCE_MODE:
+            config = arm_configs(cfg.get("env", "darkroom"), arm)[0]
+            returns[arm] = ppo_returns(load_config(config, collection_overrides(config, list(overrides))), goals)
+            side[arm] = {"seconds": [0.0]}
         elif arm == "searcher":
             returns[arm], side[arm] = searcher_returns(cfg, goals, eval_seeds, episodes)
         else:
@@ -547,7 +572,7 @@ def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
     pairs = [("compressed", "standard-240"), ("compressed", "standard-160"), ("compressed", "compressed-fixed"),
              ("standard-160", "standard-240"), ("compressed-adaptive", "compressed"), ("dpt", "standard-240"),
              ("compressed-eps", "compressed")]
-    pairs += [(a, "compressed") for a in arms if stride_of(a)]
+    pairs += [(a, stride_base(a)) for a in arms if stride_of(a)]
     pairs += [(a, f"compressed-stride{stride_of(a)}") for a in arms if first_any_of(a) and stride_of(a) > 1]
     # summaries against pruning: at the compressed arm's budget, and at the same raw regions without summaries (the
     # summary configs keep 2 raw regions; compressed keeps 3 on Key-to-Door and Darkroom-permuted)
@@ -662,9 +687,23 @@ def quality_lines(stats: dict, side: dict) -> list[str]:
     return [*L, "", "![compression quality](quality.png)"]
 
 
-def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | None = None) -> str:
+def eps_noise(env: str, overrides: list[str]) -> str | None:
+    """The AD-eps source's noise schedule as the study collects it (the env's searcher-eps config with `overrides`), in
+    words; None for an env without that source."""
+    if "eps" not in OWN_SOURCE.get(env, {}):
+        return None
+    config = OWN_SOURCE[env]["eps"][0]
+    cfg = load_config(config, collection_overrides(config, overrides))
+    if cfg["source_eps_start"] == 0:
+        return "none (eps 0: the searcher itself)"
+    return f"eps {cfg['source_eps_start']:g} in region 0, falling linearly to 0 at region {cfg['source_eps_regions']}"
+
+
+def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | None = None,
+                noise: str | None = None) -> str:
     """The arms' context sizes in this env's steps (the arm names are Darkroom's: 240 = 3 x 80, 160 = 2 x 80);
-    `summary`: the summary arm's settings (load_returns' side["summary"]), where it has them."""
+    `summary`: the summary arm's settings (load_returns' side["summary"]), where it has them; `noise`: the AD-eps
+    source's (`eps_noise`)."""
     n = cfg["n_steps"]
 
     def window(k: int) -> str:
@@ -680,13 +719,15 @@ def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | No
             "compressed-adaptive": "compressed on histories with PPO rollouts of 40, 80 and 120 steps in every goal "
                                    "(one learner per length), closed by its </compress> head",
             "compressed-eps": "compressed distilled from the searcher's histories instead of PPO's (the AD-eps source, "
-                              "searcher.noisy_history; its config's noise: none, chosen on validation, E43)",
+                              f"searcher.noisy_history; noise: {noise or 'its collection config'})",
             "dpt": f"DPT: standard-240's model and {window(3)}, trained on the env's optimal action at every step",
             "searcher": "a hand-written searcher with memory across episodes (searcher.py): sweeps the cells not yet "
                         "ruled out, then walks straight to what it found",
             "ppo": f"the source PPO's own learning per stream (each update pools a goal's {cfg.get('n_stream', '?')} "
-                   "streams)"}
-    size |= {a: f"compressed trained on regions {stride_of(a)} PPO updates apart (region_stride={stride_of(a)})"
+                   "streams)",
+            "source-eps": "the AD-eps source's own learning per stream: the noisy searcher's histories that compressed-eps "
+                          f"trains on (noise: {noise or 'its collection config'}; each stream one learner)"}
+    size |= {a: f"{stride_base(a)} trained on regions {stride_of(a)} source updates apart (region_stride={stride_of(a)})"
                 + (", one-region samples drawn from the whole history (first_region_any=true)" if first_any_of(a) else "")
              for a in arms if stride_of(a)}
     size |= {a: f"compressed trained and evaluated with the last {regions_of(a)} region{'s' if regions_of(a) != 1 else ''} "
@@ -890,18 +931,19 @@ def report_json(stats: dict, meta: dict) -> dict:
 
 
 def write_report(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[int], eval_seeds: list[int],
-                 temps: dict[str, float], episodes: int, reps: int, regions: int = 2) -> dict:
+                 temps: dict[str, float], episodes: int, reps: int, regions: int = 2, overrides: list[str] = ()) -> dict:
     """Load every arm's test returns, compute the statistics, and write report.md, report.json and the three plots."""
     from env import task_family, task_split
 
     goals = task_split(cfg, "test")
     opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in goals], dtype=np.float64)
-    returns, side = arm_returns(root, cfg, arms, seeds, eval_seeds, temps, episodes)
+    returns, side = arm_returns(root, cfg, arms, seeds, eval_seeds, temps, episodes, overrides)
     stats = compute_statistics(returns, opt, returns["ppo"] if "ppo" in returns else ppo_reference(cfg, goals), reps,
                                kv=arm_kv(side))
     summary = side.get("compressed-summary", {}).get("summary")
+    noise = eps_noise(cfg.get("env", "darkroom"), list(overrides))
     meta = {"goals": goals, "opt": opt, "seeds": seeds, "eval_seeds": eval_seeds, "temps": temps, "episodes": episodes,
-            "reps": reps, "windows": arm_windows(cfg, arms, regions, summary), "train": training_costs(root, arms, seeds),
+            "reps": reps, "windows": arm_windows(cfg, arms, regions, summary, noise), "train": training_costs(root, arms, seeds),
             "side": side}
     plot_learning_curves(stats, temps, len(goals), len(seeds), out / "learning_curves.png")
     plot_aggregates(stats, out / "aggregates.png")
@@ -995,7 +1037,7 @@ def main():
     did_work = n_trained or n_tuned + n_tested or not (report_dir / "timing.json").is_file()
     if did_work:  # written before the report, so that a report that fails does not lose the work's timing
         (report_dir / "timing.json").write_text(json.dumps(timing, indent=1))
-    write_report(root, report_dir, cfg, arms, seeds, eval_seeds, temps, episodes, args.reps, regions)
+    write_report(root, report_dir, cfg, arms, seeds, eval_seeds, temps, episodes, args.reps, regions, train_overrides)
     total = time.perf_counter() - start
     if did_work:
         (report_dir / "timing.json").write_text(json.dumps(timing | {"total_s": total}, indent=1))

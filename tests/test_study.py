@@ -117,9 +117,9 @@ def test_study_refuses_bad_arguments(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --arms: everything is not one of standard-240, standard-160, compressed, compressed-fixed, compressed-adaptive, "
         "compressed-eps, "
-        "dpt, searcher, ppo, compressed-summary, compressed-summary-accumulate, compressed-stride<s> (s >= 2; compressed is "
-        "stride 1), compressed-stride<s>-any (s >= 1), compressed-r<m> (m >= 1 regions), standard-<w> (w = 80 k: a window "
-        "of k >= 1 rollouts)"]
+        "dpt, searcher, ppo, source-eps, compressed-summary, compressed-summary-accumulate, compressed-stride<s> (s >= 2; "
+        "compressed is stride 1), compressed-stride<s>-any (s >= 1), compressed-eps-stride<s> (s >= 2; compressed-eps is "
+        "stride 1), compressed-r<m> (m >= 1 regions), standard-<w> (w = 80 k: a window of k >= 1 rollouts)"]
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed-stride1", check=False)
     assert bad.returncode == 2 and "compressed-stride1 is not one of" in bad.stderr
     assert not any(tmp_path.iterdir())  # nothing written
@@ -343,3 +343,47 @@ def test_report_without_a_ppo_history_leaves_the_speed_up_column_empty(tmp_path,
 
     cfg = load_config(study.env_configs("darkroom")["standard"], [f"traj_dir={tmp_path}"])  # no history file there
     assert not history_path(cfg).exists() and study.ppo_reference(cfg, [38, 51]) is None
+
+
+def test_eps_stride_arms_and_the_eps_source_as_a_reference(monkeypatch):
+    """compressed-eps-stride<s> is compressed-eps (the AD-eps history, its model config) with region_stride=s, compared
+    with compressed-eps; source-eps is a reference arm (not trained) whose returns come from the AD-eps history file of
+    the collection config with the study's overrides, as ppo's come from PPO's."""
+    import study
+
+    assert study.parse_arms("compressed-eps,compressed-eps-stride4,source-eps,ppo") == [
+        "compressed-eps", "compressed-eps-stride4", "source-eps", "ppo"]
+    assert "source-eps" not in study.ARMS and not study.is_trained("source-eps") and study.is_trained("compressed-eps-stride4")
+    over = ["source_eps_start=1.0", "source_eps_regions=12"]
+    for env in ENV_CONFIGS:
+        base = load_config(*study.train_config("compressed-eps", 0, over, env))
+        cfg = load_config(*study.train_config("compressed-eps-stride3", 2, over, env))
+        assert cfg["alg"] == "searcher-eps" and cfg["region_stride"] == 3 and cfg["use_compressed_context"]
+        assert cfg["source_eps_start"] == 1.0 and cfg["source_eps_regions"] == 12 and cfg["seed"] == 2
+        assert {k for k in cfg if cfg[k] != base[k]} == {"region_stride", "seed"}
+        assert study.arm_configs(env, "source-eps")[0] == study.arm_configs(env, "compressed-eps")[0]
+    assert study.stride_of("compressed-eps-stride4") == 4 and not study.first_any_of("compressed-eps-stride4")
+    assert study.run_dir_of(study.Path("r"), "compressed-eps-stride4", 1).name == "compressed-eps-stride4-seed1"
+    assert study.eval_prune_of("compressed-eps-stride4") == "model"
+    assert study.comparison_pairs(["compressed", "compressed-eps", "compressed-eps-stride4", "compressed-stride4"]) == [
+        ("compressed-eps", "compressed"), ("compressed-eps-stride4", "compressed-eps"), ("compressed-stride4", "compressed")]
+    arms = ["compressed-stride4", "compressed-stride4-any", "compressed-eps-stride4", "compressed-eps", "source-eps", "ppo"]
+    assert len({study.color_of(a) for a in arms}) == len(arms)
+    assert "compressed-eps trained on regions 4 source updates apart" in study.arm_windows({"n_steps": 80}, arms)
+    assert study.eps_noise("darkroom", []) == "none (eps 0: the searcher itself)"
+    noise = study.eps_noise("darkroom", over)
+    assert noise == "eps 1 in region 0, falling linearly to 0 at region 12"
+    assert f"noise: {noise}" in study.arm_windows({"n_steps": 80}, arms, noise=noise)
+
+    seen = {}
+
+    def fake_returns(cfg, goals):
+        seen[cfg["alg"]] = cfg
+        return np.zeros((1, len(goals), 3, 52))
+
+    monkeypatch.setattr(study, "ppo_returns", fake_returns)
+    cfg = load_config(env_configs("darkroom")["standard"], over)
+    returns, _ = study.arm_returns(study.Path("unused"), cfg, ["source-eps", "ppo"], [0], [0], {}, 52, over)
+    assert set(seen) == {"searcher-eps", "PPO"} and returns["source-eps"].shape == (1, len(task_split(cfg, "test")), 3, 52)
+    assert seen["searcher-eps"]["source_eps_start"] == 1.0 and seen["searcher-eps"]["source_eps_regions"] == 12
+    assert seen["searcher-eps"]["env"] == "darkroom"
