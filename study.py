@@ -245,6 +245,15 @@ def say(msg: str) -> None:
 
 
 # ---- stage 1-2: data and training ---------------------------------------------------------------------------------
+def own_source_arm(arm: str) -> str | None:
+    """The reference arm that is a trained arm's own source (source-eps for the arms distilled from the AD-eps histories;
+    None for PPO-distilled arms, whose source is the speed-up column's PPO, and for the reference arms themselves)."""
+    if not is_trained(arm):
+        return None
+    mode = trained_spec(checkpoint_of(arm))[0]
+    return next((ref for ref, m in SOURCE_MODE.items() if m == mode), None)
+
+
 def arm_configs(env: str, arm: str) -> tuple[Path, Path]:
     """(collection config, model config) an arm trains with (a reference arm: the env's history and standard config)."""
     mode = trained_spec(checkpoint_of(arm))[0] if is_trained(arm) else SOURCE_MODE.get(arm, "standard")
@@ -632,6 +641,8 @@ def compute_statistics(returns: dict[str, np.ndarray], opt: np.ndarray, ppo: np.
         "arms": arms, "summary": summary, "ppo_to_90": ppo_to90,
         "speedup": {a: None if ppo_to90 is None else st.speedup(ppo_to90, summary[a]["to_threshold"], reps=reps)
                     for a in arms},
+        "speedup_over_source": {a: st.speedup(summary[own_source_arm(a)]["to_threshold"], summary[a]["to_threshold"],
+                                              reps=reps) for a in arms if own_source_arm(a) in summary},
         "aggregate": agg("all"), "aggregate_last": agg("last"),
         "probability_of_improvement": st.probability_of_improvement(scores, pairs, reps=reps),
         "paired_differences": {f"{a} vs {b}": st.paired_goal_differences(returns[a], returns[b], opt, reps=reps)
@@ -782,6 +793,10 @@ def render_markdown(stats: dict, meta: dict) -> str:
     if ppo_e90:
         L += ["", f"Source PPO (the speed-up reference): episodes to 90 % {ppo_e90['median']:.0f} of its "
               f"{ppo_e90['n_episodes']} (never: {ppo_e90['never_frac']:.1%})."]
+    for a, sp in stats.get("speedup_over_source", {}).items():
+        bound = ">= " if sp["at_least"] else "<= " if sp["at_most"] else ""
+        L += ["", f"Speed-up of {a} over its own source {own_source_arm(a)} (the histories it was distilled from, per "
+              f"stream): {bound}{fmt_ci(sp['ratio'], sp['ci'], '{:.2f}')}x."]
     L += ["", "Robust aggregates (IQM):", "",
           "| arm | IQM, all episodes | IQM, last (each arm's last fifth, as above) |", "|---|---|---|"]
     for a in arms:
@@ -916,7 +931,8 @@ def report_json(stats: dict, meta: dict) -> dict:
             "aggregate_last": stats["aggregate_last"],
             "table": {a: {k: strip(v) if k == "to_threshold" else v for k, v in s.items()}
                       for a, s in stats["summary"].items()},
-            "speedup_over_ppo": stats["speedup"], "ppo_episodes_to_90": stats["ppo_to_90"] and strip(stats["ppo_to_90"]),
+            "speedup_over_ppo": stats["speedup"], "speedup_over_own_source": stats.get("speedup_over_source", {}),
+            "ppo_episodes_to_90": stats["ppo_to_90"] and strip(stats["ppo_to_90"]),
             "probability_of_improvement": stats["probability_of_improvement"],
             "paired_differences": stats["paired_differences"],
             "episodes_to_90": {a: strip(s["to_threshold"]) for a, s in stats["summary"].items()},

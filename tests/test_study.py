@@ -387,3 +387,32 @@ def test_eps_stride_arms_and_the_eps_source_as_a_reference(monkeypatch):
     assert set(seen) == {"searcher-eps", "PPO"} and returns["source-eps"].shape == (1, len(task_split(cfg, "test")), 3, 52)
     assert seen["searcher-eps"]["source_eps_start"] == 1.0 and seen["searcher-eps"]["source_eps_regions"] == 12
     assert seen["searcher-eps"]["env"] == "darkroom"
+
+
+def test_speedup_over_the_arms_own_source_on_synthetic_returns():
+    """An arm distilled from the AD-eps histories gets a speed-up over source-eps (its own source) when that arm is in
+    the study, beside the one over PPO; a PPO-distilled arm gets none (PPO is its source: the speed-up column)."""
+    import study
+
+    opt = np.array([10.0, 20.0])
+
+    def jumps(js, n_seeds, n_episodes):
+        R = np.zeros((n_seeds, 2, len(js), n_episodes))
+        for k, j in enumerate(js):
+            R[:, :, k, j:] = opt[None, :, None]
+        return R
+
+    assert study.own_source_arm("compressed-eps") == study.own_source_arm("compressed-eps-stride4") == "source-eps"
+    assert study.own_source_arm("compressed") is None and study.own_source_arm("source-eps") is None
+    returns = {"compressed-eps": jumps([5, 5, 5, 5], 2, 40), "compressed": jumps([0, 0, 0, 0], 2, 40),
+               "source-eps": jumps([40, 40, 40, 40], 1, 52), "ppo": jumps([20, 20, 20, 30], 1, 52)}
+    stats = study.compute_statistics(returns, opt, returns["ppo"], reps=50)
+    assert set(stats["speedup_over_source"]) == {"compressed-eps"}
+    assert stats["speedup_over_source"]["compressed-eps"]["ratio"] == pytest.approx(49 / 14)  # at 90 % at j + 8: 49 / 14
+    meta = {"goals": [38, 51], "opt": opt, "seeds": [0, 1], "eval_seeds": [0], "episodes": 40, "reps": 50,
+            "windows": "Arms: ...", "temps": {"compressed-eps": 0.5, "compressed": 0.5, "source-eps": None, "ppo": None},
+            "train": {}, "side": {a: {"seconds": [1.0], "n_closes": 0, "n_forced_closes": 0} for a in returns}}
+    md = study.render_markdown(stats, meta)
+    assert "Speed-up of compressed-eps over its own source source-eps (the histories it was distilled from, per stream): " \
+           "3.50 [" in md
+    assert study.report_json(stats, meta)["speedup_over_own_source"]["compressed-eps"]["ratio"] == pytest.approx(3.5)
