@@ -205,6 +205,15 @@ def test_new_arms_train_evaluate_and_name_their_configs():
         assert {k for k in d if d[k] != std[k]} == {"target"}
 
 
+def jump_returns(opt, js, n_seeds, n_episodes):
+    """Synthetic returns [seeds, goals, streams, episodes]: stream k scores 0, then each goal's optimum from episode js[k]
+    on (its 10-episode moving average is at 90 % at js[k] + 8)."""
+    R = np.zeros((n_seeds, len(opt), len(js), n_episodes))
+    for k, j in enumerate(js):
+        R[:, :, k, j:] = opt[None, :, None]
+    return R
+
+
 def test_statistics_are_apart_from_rendering_on_synthetic_returns():
     """compute_statistics is pure (returns in, numbers out) and render_markdown only formats them: on runs that jump to
     the optimum at known episodes, the table holds the known first-10 mean, episodes to 90 % and speed-up."""
@@ -213,10 +222,7 @@ def test_statistics_are_apart_from_rendering_on_synthetic_returns():
     opt = np.array([10.0, 20.0])
 
     def jumps(js, n_seeds, n_episodes):
-        R = np.zeros((n_seeds, 2, len(js), n_episodes))
-        for k, j in enumerate(js):
-            R[:, :, k, j:] = opt[None, :, None]
-        return R
+        return jump_returns(opt, js, n_seeds, n_episodes)
 
     returns = {"compressed": jumps([0, 0, 0, 0], 2, 40), "standard-240": jumps([0, 5, 5, 5], 2, 40),
                "ppo": jumps([20, 20, 20, 30], 1, 52)}
@@ -397,10 +403,7 @@ def test_speedup_over_the_arms_own_source_on_synthetic_returns():
     opt = np.array([10.0, 20.0])
 
     def jumps(js, n_seeds, n_episodes):
-        R = np.zeros((n_seeds, 2, len(js), n_episodes))
-        for k, j in enumerate(js):
-            R[:, :, k, j:] = opt[None, :, None]
-        return R
+        return jump_returns(opt, js, n_seeds, n_episodes)
 
     assert study.own_source_arm("compressed-eps") == study.own_source_arm("compressed-eps-stride4") == "source-eps"
     assert study.own_source_arm("compressed") is None and study.own_source_arm("source-eps") is None
