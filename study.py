@@ -30,6 +30,8 @@ Optional arms (`--arms`; not in the default study, so its cost is unchanged):
   of older ones, the env's config/model/ad_{dr,kd,dp}_summary.yaml (one recurrent summary, chosen on validation goals:
   docs/experiments.md E41), evaluated with the model's `</compress>`; compressed-summary-accumulate: the same config
   with the other variant (summary_mode=accumulate: the summaries of the last 3 pruned regions kept, trained as far back);
+  compressed-summary-back<b> (b >= 1): the summary config trained with summary_train_regions=b (b pruned regions in
+  front of each sample: the summary chain backpropagated b closes deep; the config's own b is compressed-summary);
 - the compression-quality sweep: standard-<w> (w = 80 k: a FIFO window of k rollouts, e.g. standard-80, standard-320) and
   compressed-r<m> (compressed AD trained and evaluated with max_regions=m, n_transit sized for it; the m of the env's
   compressed config is the compressed arm itself and is refused).
@@ -85,10 +87,12 @@ SOURCE_MODE = {"source-eps": "eps"}  # reference arms read from a history file o
 STRIDE_ARM = re.compile(r"compressed(-eps)?-stride([0-9]+)(-any)?")  # compressed AD (-eps: compressed-eps) trained with
 # region_stride=s (-any: and first_region_any=true)
 REGIONS_ARM = re.compile(r"compressed-r([0-9]+)")  # compressed AD with max_regions=m (the compression-quality sweep)
+SUMMARY_BACK_ARM = re.compile(r"compressed-summary-back([0-9]+)")  # compressed-summary with summary_train_regions=b
 WINDOW_ARM = re.compile(r"standard-([0-9]+)")  # standard AD, a FIFO window of w / 80 rollouts (Darkroom's sizes)
 ARM_PATTERNS = ("compressed-stride<s> (s >= 2; compressed is stride 1), compressed-stride<s>-any (s >= 1), "
                 "compressed-eps-stride<s> (s >= 2; compressed-eps is stride 1), "
                 "compressed-r<m> (m >= 1 regions), "
+                "compressed-summary-back<b> (b >= 1 pruned regions in front of a training sample), "
                 "standard-<w> (w = 80 k: a window of k >= 1 rollouts)")
 ACCUMULATE_SUMMARIES = 3  # compressed-summary-accumulate's max_summaries: the summary configs' summary_train_regions
 TRAINED = {  # arm -> (the env's model config: standard, compressed, adaptive, eps or summary, extra overrides from its n_steps);
@@ -138,6 +142,7 @@ STRIDE_COLORS = ("tab:pink", "darkgreen", "lime", "teal")
 STRIDE_ANY_COLORS = ("gold", "sienna", "orchid", "black")  # compressed-stride<s>-any, by s
 EPS_STRIDE_COLORS = ("darkviolet", "indigo", "mediumvioletred", "plum")  # compressed-eps-stride<s>, by s
 REGIONS_COLORS = ("darkseagreen", "yellowgreen", "forestgreen", "darkolivegreen", "seagreen")  # by m
+SUMMARY_BACK_COLORS = ("darkorange", "peru", "orangered", "goldenrod")  # compressed-summary-back<b>, by b
 WINDOW_COLORS = ("steelblue", "lightsteelblue", "navy", "slateblue", "royalblue")  # by k
 
 
@@ -165,6 +170,12 @@ def regions_of(arm: str) -> int | None:
     return (int(m.group(1)) or None) if m else None
 
 
+def summary_back_of(arm: str) -> int | None:
+    """b >= 1 of an arm compressed-summary-back<b> (trained with summary_train_regions=b), else None."""
+    m = SUMMARY_BACK_ARM.fullmatch(arm)
+    return (int(m.group(1)) or None) if m else None
+
+
 def rollouts_of(arm: str) -> int | None:
     """k >= 1 of a standard arm standard-<80 k> (a window of k rollouts; 240 -> 3), else None."""
     m = WINDOW_ARM.fullmatch(arm)
@@ -184,7 +195,7 @@ def is_trained(arm: str) -> bool:
 
 def checkpoint_of(arm: str) -> str:
     """The trained arm whose checkpoint an arm evaluates (compressed-fixed: compressed's; a pattern arm: its own)."""
-    return arm if stride_of(arm) or regions_of(arm) or rollouts_of(arm) else CHECKPOINT_OF[arm]
+    return arm if stride_of(arm) or regions_of(arm) or rollouts_of(arm) or summary_back_of(arm) else CHECKPOINT_OF[arm]
 
 
 def trained_spec(arm: str):
@@ -196,6 +207,8 @@ def trained_spec(arm: str):
             f"region_stride={s}", *(["first_region_any=true"] if first_any_of(arm) else [])]
     if m:
         return "compressed", lambda n: [f"max_regions={m}", f"n_transit={compressed_context(n, m)}"]
+    if summary_back_of(arm):
+        return "summary", lambda n: [f"summary_train_regions={summary_back_of(arm)}"]
     if k and arm not in TRAINED:
         return "standard", lambda n: [f"n_transit={k * n}", f"eval_window_shift={n}"]
     return TRAINED[arm]
@@ -203,7 +216,7 @@ def trained_spec(arm: str):
 
 def eval_prune_of(arm: str) -> str | None:
     """eval_prune of a compressed arm, None for a standard one."""
-    return "model" if stride_of(arm) or regions_of(arm) else EVAL_PRUNE.get(arm)
+    return "model" if stride_of(arm) or regions_of(arm) or summary_back_of(arm) else EVAL_PRUNE.get(arm)
 
 
 def color_of(arm: str) -> str:
@@ -214,6 +227,8 @@ def color_of(arm: str) -> str:
         return colors[s % len(colors)]
     if m:
         return REGIONS_COLORS[m % len(REGIONS_COLORS)]
+    if summary_back_of(arm):
+        return SUMMARY_BACK_COLORS[summary_back_of(arm) % len(SUMMARY_BACK_COLORS)]
     return COLORS.get(arm) or WINDOW_COLORS[(k or 0) % len(WINDOW_COLORS)]
 
 
@@ -222,7 +237,7 @@ def parse_arms(text: str) -> list[str]:
     allowed = ARMS + OPTIONAL_ARMS
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed and not (stride_of(x) or 0) >= 2 - first_any_of(x) and not regions_of(x)
-           and not rollouts_of(x)]
+           and not rollouts_of(x) and not summary_back_of(x)]
     if bad or not items:
         raise UserError(f"--arms: {bad[0] if bad else 'nothing'} is not one of {', '.join(allowed)}, {ARM_PATTERNS}")
     return list(dict.fromkeys(items))
@@ -230,14 +245,23 @@ def parse_arms(text: str) -> list[str]:
 
 def check_arms(env: str, arms: list[str], overrides: list[str]) -> None:
     """Refuse, in one line and before anything runs, an arm that does not fit `env`: compressed-r<m> with the m of the
-    env's compressed config (that is the compressed arm), an arm without a config for this env."""
+    env's compressed config (that is the compressed arm), compressed-summary-back<b> with the b of its summary config (that
+    is compressed-summary) or one its config refuses, an arm without a config for this env."""
+    from summary import train_regions
+
     config = env_configs(env)["compressed"]
     regions = load_config(config, overrides)["max_regions"]
     for a in arms:
         if regions_of(a) == regions:
             raise UserError(f"--arms: {a} is the compressed arm on {env} (max_regions={regions} in {config.name}); "
                             "use compressed")
-        arm_configs(env, a)  # compressed-summary / compressed-adaptive without a config for this env
+        model_config = arm_configs(env, a)[1]  # compressed-summary / compressed-adaptive without a config for this env
+        b = summary_back_of(a)
+        if b and train_regions(load_config(model_config, overrides)) == b:
+            raise UserError(f"--arms: {a} is the compressed-summary arm on {env} (summary_train_regions={b} in "
+                            f"{model_config.name}); use compressed-summary")
+        if b:
+            load_config(*train_config(a, 0, overrides, env))  # refused by the config itself, e.g. b < max_summaries
 
 
 def say(msg: str) -> None:
@@ -350,6 +374,7 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
     # the longest first (standard-240 of every seed), so that the two cores stay busy to the end
     cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3, "compressed-eps": 2, "dpt": 3,
             "compressed-summary": 3, "compressed-summary-accumulate": 3}
+    cost |= {a: 3 + (summary_back_of(a) or 0) for a in {job[0].split()[1] for job in todo} if summary_back_of(a)}
     todo.sort(key=lambda job: -cost.get(job[0].split()[1], rollouts_of(job[0].split()[1]) or regions_of(
         job[0].split()[1]) or 2))  # stride arms: compressed's cost; windows / regions: their number of rollouts
     run_concurrently({name: ("train.py", args, log) for name, args, log in todo}, max_jobs=jobs)
@@ -587,6 +612,7 @@ def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
     # summary configs keep 2 raw regions; compressed keeps 3 on Key-to-Door and Darkroom-permuted)
     pairs += [("compressed-summary", "compressed"), ("compressed-summary", "compressed-r2"),
               ("compressed-summary", "compressed-summary-accumulate"), ("compressed-summary-accumulate", "compressed")]
+    pairs += [(a, b) for a in arms if summary_back_of(a) for b in ("compressed-summary", "compressed")]
     return [(a, b) for a, b in pairs if a in arms and b in arms]
 
 
@@ -744,6 +770,9 @@ def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | No
     size |= {a: f"compressed trained and evaluated with the last {regions_of(a)} region{'s' if regions_of(a) != 1 else ''} "
                 f"(max_regions={regions_of(a)}), closed by its </compress> head" for a in arms if regions_of(a)}
     size |= {a: window(rollouts_of(a)) for a in arms if rollouts_of(a) and a not in size}
+    size |= {a: f"compressed-summary trained with {summary_back_of(a)} pruned regions in front of each sample "
+                f"(summary_train_regions={summary_back_of(a)}: the summary chain trained {summary_back_of(a)} closes deep)"
+             for a in arms if summary_back_of(a)}
     size["compressed-summary"] = (f"compressed with summary tokens (config/model/ad_*_summary.yaml): max_regions raw "
                                   f"regions plus {kept}, closed by its </compress> head")
     size["compressed-summary-accumulate"] = ("compressed-summary with accumulated summaries (summary_mode=accumulate, "

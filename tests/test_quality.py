@@ -82,7 +82,30 @@ def test_sweep_arms_map_to_their_configs_on_every_env():
     assert ("compressed-summary", "compressed") in study.comparison_pairs(["compressed", "compressed-summary"])
 
 
-@pytest.mark.parametrize("arm", ["compressed-r0", "standard-100", "standard-0", "compressed-summaries", "standard"])
+def test_summary_back_arms_train_the_summary_config_deeper_on_every_env():
+    """compressed-summary-back<b>: the env's summary config with summary_train_regions=b and nothing else changed, its own
+    run dir, evaluated with the model's </compress> and compared with compressed-summary and compressed."""
+    assert study.parse_arms("compressed-summary,compressed-summary-back6") == ["compressed-summary",
+                                                                                "compressed-summary-back6"]
+    for env in ENV_CONFIGS:
+        base = load_config(*study.train_config("compressed-summary", 1, [], env))
+        cfg = load_config(*study.train_config("compressed-summary-back6", 1, [], env))
+        assert {k for k in cfg if cfg[k] != base[k]} == {"summary_train_regions"} and cfg["summary_train_regions"] == 6
+    assert study.run_dir_of(study.Path("r"), "compressed-summary-back6", 2).name == "compressed-summary-back6-seed2"
+    assert study.eval_prune_of("compressed-summary-back6") == "model"
+    assert study.color_of("compressed-summary-back6") != study.color_of("compressed-summary-back5")
+    pairs = study.comparison_pairs(["compressed", "compressed-summary", "compressed-summary-back6"])
+    assert {("compressed-summary-back6", "compressed-summary"), ("compressed-summary-back6", "compressed")} <= set(pairs)
+    study.check_arms("darkroom_permuted", ["compressed-summary-back6"], [])
+    with pytest.raises(UserError, match=r"^--arms: compressed-summary-back3 is the compressed-summary arm on darkroom "
+                                        r"\(summary_train_regions=3 in ad_dr_summary.yaml\); use compressed-summary$"):
+        study.check_arms("darkroom", ["compressed-summary-back3"], [])
+    with pytest.raises(UserError, match="^summary_train_regions=2 must be 0 .* or >= max_summaries=3"):  # the config's rule
+        study.check_arms("darkroom", ["compressed-summary-back2"], ["summary_mode=accumulate", "max_summaries=3"])
+
+
+@pytest.mark.parametrize("arm", ["compressed-r0", "standard-100", "standard-0", "compressed-summaries", "standard",
+                                 "compressed-summary-back0"])
 def test_bad_arm_names_are_refused_in_one_line(arm):
     with pytest.raises(UserError) as e:
         study.parse_arms(f"compressed,{arm}")

@@ -119,7 +119,8 @@ def test_study_refuses_bad_arguments(tmp_path):
         "compressed-eps, "
         "dpt, searcher, ppo, source-eps, compressed-summary, compressed-summary-accumulate, compressed-stride<s> (s >= 2; "
         "compressed is stride 1), compressed-stride<s>-any (s >= 1), compressed-eps-stride<s> (s >= 2; compressed-eps is "
-        "stride 1), compressed-r<m> (m >= 1 regions), standard-<w> (w = 80 k: a window of k >= 1 rollouts)"]
+        "stride 1), compressed-r<m> (m >= 1 regions), compressed-summary-back<b> (b >= 1 pruned regions in front of a training "
+        "sample), standard-<w> (w = 80 k: a window of k >= 1 rollouts)"]
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed-stride1", check=False)
     assert bad.returncode == 2 and "compressed-stride1 is not one of" in bad.stderr
     assert not any(tmp_path.iterdir())  # nothing written
