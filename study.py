@@ -247,8 +247,6 @@ def check_arms(env: str, arms: list[str], overrides: list[str]) -> None:
     """Refuse, in one line and before anything runs, an arm that does not fit `env`: compressed-r<m> with the m of the
     env's compressed config (that is the compressed arm), compressed-summary-back<b> with the b of its summary config (that
     is compressed-summary) or one its config refuses, an arm without a config for this env."""
-    from summary import train_regions
-
     config = env_configs(env)["compressed"]
     regions = load_config(config, overrides)["max_regions"]
     for a in arms:
@@ -257,10 +255,12 @@ def check_arms(env: str, arms: list[str], overrides: list[str]) -> None:
                             "use compressed")
         model_config = arm_configs(env, a)[1]  # compressed-summary / compressed-adaptive without a config for this env
         b = summary_back_of(a)
-        if b and train_regions(load_config(model_config, overrides)) == b:
-            raise UserError(f"--arms: {a} is the compressed-summary arm on {env} (summary_train_regions={b} in "
-                            f"{model_config.name}); use compressed-summary")
         if b:
+            from summary import train_regions  # torch: only where a compressed-summary-back<b> arm is asked for
+
+            if train_regions(load_config(model_config, overrides)) == b:
+                raise UserError(f"--arms: {a} is the compressed-summary arm on {env} (summary_train_regions={b} in "
+                                f"{model_config.name}); use compressed-summary")
             load_config(*train_config(a, 0, overrides, env))  # refused by the config itself, e.g. b < max_summaries
 
 
@@ -374,9 +374,12 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
     # the longest first (standard-240 of every seed), so that the two cores stay busy to the end
     cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3, "compressed-eps": 2, "dpt": 3,
             "compressed-summary": 3, "compressed-summary-accumulate": 3}
-    cost |= {a: 3 + (summary_back_of(a) or 0) for a in {job[0].split()[1] for job in todo} if summary_back_of(a)}
-    todo.sort(key=lambda job: -cost.get(job[0].split()[1], rollouts_of(job[0].split()[1]) or regions_of(
-        job[0].split()[1]) or 2))  # stride arms: compressed's cost; windows / regions: their number of rollouts
+
+    def cost_of(arm: str) -> int:  # stride arms: compressed's cost; windows / regions: their number of rollouts;
+        back = summary_back_of(arm)  # compressed-summary-back<b>: the summary arm's plus its b pruned regions
+        return cost.get(arm, rollouts_of(arm) or regions_of(arm) or (3 + back if back else 2))
+
+    todo.sort(key=lambda job: -cost_of(job[0].split()[1]))
     run_concurrently({name: ("train.py", args, log) for name, args, log in todo}, max_jobs=jobs)
     return len(todo)
 
