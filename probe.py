@@ -18,6 +18,9 @@
    (goal, rollout length) and per length.
 3. With `eval_episodes=N` on the command line: `evaluate.evaluate_config` on the held-out goals for N episodes, with the
    run's other eval_* settings (nothing is written); without it, no rollout.
+4. Summary runs with `--summary-reach 0,1,2,3,4`: how many pruned regions a training sample must hold to compute the
+   decisions evaluation makes (summary.reach; docs/experiments.md E68): per b, the total-variation distance between the
+   evaluation's policy and the b-region sample's at each region of a short rollout.
 `--histories CONFIG` reads the held-out histories of another collection config of the same env (e.g. a model trained on
 one rollout length per goal, probed on histories with every length in every goal); the position-only rule keeps the
 length of the run's own training histories.
@@ -196,6 +199,19 @@ def rollout_overrides(overrides: list[str], episodes: int | None) -> list[str]:
     return [*overrides, f"eval_episodes={episodes}"]
 
 
+def parse_backs(text: str, episodes: int) -> list[int]:
+    """--summary-reach: comma-separated numbers of pruned regions (>= 0), sorted; --reach-episodes must be >= 1."""
+    try:
+        backs = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        backs = [-1]
+    if any(b < 0 for b in backs):
+        raise UserError(f"--summary-reach must be comma-separated numbers of pruned regions >= 0, got {text!r}")
+    if backs and episodes < 1:
+        raise UserError(f"--reach-episodes must be >= 1, got {episodes}")
+    return backs
+
+
 def rollout_compression_line(c: dict) -> str:
     """The rollout's `</compress>` line; precision / recall are None where there is no fixed grid (a list of n_steps)."""
     def f(v):
@@ -219,16 +235,24 @@ def main():
                         "this PNG file (default: no plot)")
     parser.add_argument("--histories", default=None, help="collection config whose held-out histories to read (same env; "
                         "default: the run's own)")
+    parser.add_argument("--summary-reach", default="", metavar="B,B,...",
+                        help="summary runs: roll out --reach-episodes episodes (4 held-out goals x 2 streams, the run's "
+                        "eval_temperature) and print, per number b of pruned regions, how far the training sample with b "
+                        "pruned regions in front is from the evaluation's policy at each region (e.g. 0,1,2,3,4)")
+    parser.add_argument("--reach-episodes", type=int, default=40, help="episodes of the --summary-reach rollout")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"{', '.join(EVAL_KEYS)}, traj_dir; "
                         "eval_episodes=N also rolls out N in-context episodes (default: teacher-forced only); "
                         "anywhere among the options")
     add_print_config(parser)
     args = parse_cli(parser)
     overrides = rollout_overrides(args.overrides, args.episodes)
+    backs = parse_backs(args.summary_reach, args.reach_episodes)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_run(Path(args.run_dir), overrides, device, allowed=(*EVAL_KEYS, "traj_dir"))
     if args.print_config:
         print_config(cfg)
+    if backs and not cfg.get("use_summary"):
+        raise UserError(f"--summary-reach needs a summary run (use_summary=true); {args.run_dir} has none")
     hcfg = with_histories(cfg, args.histories) if args.histories else cfg
     if args.histories:
         print(f"held-out histories: {history_path(hcfg)}")
@@ -277,6 +301,17 @@ def main():
               f"({time.perf_counter() - start:.0f} s)")
         if "compression" in s:
             print(rollout_compression_line(s["compression"]))
+    if backs:
+        from summary import reach
+
+        goals = task_split(cfg, args.split)[:4]
+        r = reach(model, cfg, goals, backs, n_streams=2, n_episodes=args.reach_episodes, seed=cfg["eval_seed"],
+                  temperature=cfg["eval_temperature"])
+        print(f"summary reach ({args.split} goals {goals}, {args.reach_episodes} episodes x 2 streams, "
+              f"T={cfg['eval_temperature']}): total-variation distance between the evaluation's policy and the training "
+              f"sample's with b pruned regions, largest per region, mean / max over {r[backs[0]]['n_regions']} regions:")
+        for b, v in r.items():
+            print(f"  b={b}: {v['mean_tv']:.2e} / {v['max_tv']:.2e}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,11 @@ Optional arms (`--arms`; not in the default study, so its cost is unchanged):
   docs/experiments.md E41), evaluated with the model's `</compress>`; compressed-summary-accumulate: the same config
   with the other variant (summary_mode=accumulate: the summaries of the last 3 pruned regions kept, trained as far back);
   compressed-summary-back<b> (b >= 1): the summary config trained with summary_train_regions=b (b pruned regions in
-  front of each sample: the summary chain backpropagated b closes deep; the config's own b is compressed-summary);
+  front of each sample: the summary chain backpropagated b closes deep; the config's own b is compressed-summary; in
+  recurrent mode a sample computes every decision as evaluation does from b = n_layer + 1 - max_regions on, and b
+  beyond n_layer trains the loss of b = n_layer exactly: docs/experiments.md E68);
+  compressed-summary-r<m> (m >= 1): the summary config with max_regions=m raw regions (n_transit sized for them; the
+  config's own m is compressed-summary), paired with compressed AD at m regions;
 - the compression-quality sweep: standard-<w> (w = 80 k: a FIFO window of k rollouts, e.g. standard-80, standard-320) and
   compressed-r<m> (compressed AD trained and evaluated with max_regions=m, n_transit sized for it; the m of the env's
   compressed config is the compressed arm itself and is refused).
@@ -88,11 +92,14 @@ STRIDE_ARM = re.compile(r"compressed(-eps)?-stride([0-9]+)(-any)?")  # compresse
 # region_stride=s (-any: and first_region_any=true)
 REGIONS_ARM = re.compile(r"compressed-r([0-9]+)")  # compressed AD with max_regions=m (the compression-quality sweep)
 SUMMARY_BACK_ARM = re.compile(r"compressed-summary-back([0-9]+)")  # compressed-summary with summary_train_regions=b
+SUMMARY_REGIONS_ARM = re.compile(r"compressed-summary-r([0-9]+)")  # compressed-summary with max_regions=m raw regions
+SUMMARY_TOKENS = 4  # n_summary of the summary configs: compressed-summary-r<m>'s n_transit is sized for it
 WINDOW_ARM = re.compile(r"standard-([0-9]+)")  # standard AD, a FIFO window of w / 80 rollouts (Darkroom's sizes)
 ARM_PATTERNS = ("compressed-stride<s> (s >= 2; compressed is stride 1), compressed-stride<s>-any (s >= 1), "
                 "compressed-eps-stride<s> (s >= 2; compressed-eps is stride 1), "
                 "compressed-r<m> (m >= 1 regions), "
                 "compressed-summary-back<b> (b >= 1 pruned regions in front of a training sample), "
+                "compressed-summary-r<m> (m >= 1 raw regions), "
                 "standard-<w> (w = 80 k: a window of k >= 1 rollouts)")
 ACCUMULATE_SUMMARIES = 3  # compressed-summary-accumulate's max_summaries: the summary configs' summary_train_regions
 TRAINED = {  # arm -> (the env's model config: standard, compressed, adaptive, eps or summary, extra overrides from its n_steps);
@@ -143,6 +150,7 @@ STRIDE_ANY_COLORS = ("gold", "sienna", "orchid", "black")  # compressed-stride<s
 EPS_STRIDE_COLORS = ("darkviolet", "indigo", "mediumvioletred", "plum")  # compressed-eps-stride<s>, by s
 REGIONS_COLORS = ("darkseagreen", "yellowgreen", "forestgreen", "darkolivegreen", "seagreen")  # by m
 SUMMARY_BACK_COLORS = ("darkorange", "peru", "orangered", "goldenrod")  # compressed-summary-back<b>, by b
+SUMMARY_REGIONS_COLORS = ("coral", "sandybrown", "tomato", "khaki", "salmon")  # compressed-summary-r<m>, by m
 WINDOW_COLORS = ("steelblue", "lightsteelblue", "navy", "slateblue", "royalblue")  # by k
 
 
@@ -176,6 +184,19 @@ def summary_back_of(arm: str) -> int | None:
     return (int(m.group(1)) or None) if m else None
 
 
+def summary_regions_of(arm: str) -> int | None:
+    """m >= 1 of an arm compressed-summary-r<m> (max_regions=m raw regions plus the summaries), else None."""
+    m = SUMMARY_REGIONS_ARM.fullmatch(arm)
+    return (int(m.group(1)) or None) if m else None
+
+
+def summary_context(n: int, m: int) -> int:
+    """n_transit of a summary arm with m raw regions of n steps and SUMMARY_TOKENS summary tokens per closed one:
+    C r E S^k ... C r = m (n + 2 + k) - 1 - k positions plus 5 of slack, as the env's summary configs (172 on Darkroom,
+    112 on Key-to-Door and Darkroom-permuted)."""
+    return m * (n + 2 + SUMMARY_TOKENS) - 1 - SUMMARY_TOKENS + 5
+
+
 def rollouts_of(arm: str) -> int | None:
     """k >= 1 of a standard arm standard-<80 k> (a window of k rollouts; 240 -> 3), else None."""
     m = WINDOW_ARM.fullmatch(arm)
@@ -195,7 +216,12 @@ def is_trained(arm: str) -> bool:
 
 def checkpoint_of(arm: str) -> str:
     """The trained arm whose checkpoint an arm evaluates (compressed-fixed: compressed's; a pattern arm: its own)."""
-    return arm if stride_of(arm) or regions_of(arm) or rollouts_of(arm) or summary_back_of(arm) else CHECKPOINT_OF[arm]
+    return arm if stride_of(arm) or regions_of(arm) or rollouts_of(arm) or summary_arm(arm) else CHECKPOINT_OF[arm]
+
+
+def summary_arm(arm: str) -> bool:
+    """Is `arm` one of the summary patterns (compressed-summary-back<b>, compressed-summary-r<m>)?"""
+    return bool(summary_back_of(arm) or summary_regions_of(arm))
 
 
 def trained_spec(arm: str):
@@ -209,6 +235,9 @@ def trained_spec(arm: str):
         return "compressed", lambda n: [f"max_regions={m}", f"n_transit={compressed_context(n, m)}"]
     if summary_back_of(arm):
         return "summary", lambda n: [f"summary_train_regions={summary_back_of(arm)}"]
+    if summary_regions_of(arm):
+        return "summary", lambda n: [f"max_regions={summary_regions_of(arm)}",
+                                     f"n_transit={summary_context(n, summary_regions_of(arm))}"]
     if k and arm not in TRAINED:
         return "standard", lambda n: [f"n_transit={k * n}", f"eval_window_shift={n}"]
     return TRAINED[arm]
@@ -216,7 +245,7 @@ def trained_spec(arm: str):
 
 def eval_prune_of(arm: str) -> str | None:
     """eval_prune of a compressed arm, None for a standard one."""
-    return "model" if stride_of(arm) or regions_of(arm) or summary_back_of(arm) else EVAL_PRUNE.get(arm)
+    return "model" if stride_of(arm) or regions_of(arm) or summary_arm(arm) else EVAL_PRUNE.get(arm)
 
 
 def color_of(arm: str) -> str:
@@ -229,6 +258,8 @@ def color_of(arm: str) -> str:
         return REGIONS_COLORS[m % len(REGIONS_COLORS)]
     if summary_back_of(arm):
         return SUMMARY_BACK_COLORS[summary_back_of(arm) % len(SUMMARY_BACK_COLORS)]
+    if summary_regions_of(arm):
+        return SUMMARY_REGIONS_COLORS[summary_regions_of(arm) % len(SUMMARY_REGIONS_COLORS)]
     return COLORS.get(arm) or WINDOW_COLORS[(k or 0) % len(WINDOW_COLORS)]
 
 
@@ -237,7 +268,7 @@ def parse_arms(text: str) -> list[str]:
     allowed = ARMS + OPTIONAL_ARMS
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed and not (stride_of(x) or 0) >= 2 - first_any_of(x) and not regions_of(x)
-           and not rollouts_of(x) and not summary_back_of(x)]
+           and not rollouts_of(x) and not summary_arm(x)]
     if bad or not items:
         raise UserError(f"--arms: {bad[0] if bad else 'nothing'} is not one of {', '.join(allowed)}, {ARM_PATTERNS}")
     return list(dict.fromkeys(items))
@@ -245,8 +276,9 @@ def parse_arms(text: str) -> list[str]:
 
 def check_arms(env: str, arms: list[str], overrides: list[str]) -> None:
     """Refuse, in one line and before anything runs, an arm that does not fit `env`: compressed-r<m> with the m of the
-    env's compressed config (that is the compressed arm), compressed-summary-back<b> with the b of its summary config (that
-    is compressed-summary) or one its config refuses, an arm without a config for this env."""
+    env's compressed config (that is the compressed arm), compressed-summary-back<b> / compressed-summary-r<m> with the b
+    / m of its summary config (that is compressed-summary) or one its config refuses, an arm without a config for this
+    env."""
     config = env_configs(env)["compressed"]
     regions = load_config(config, overrides)["max_regions"]
     for a in arms:
@@ -262,6 +294,10 @@ def check_arms(env: str, arms: list[str], overrides: list[str]) -> None:
                 raise UserError(f"--arms: {a} is the compressed-summary arm on {env} (summary_train_regions={b} in "
                                 f"{model_config.name}); use compressed-summary")
             load_config(*train_config(a, 0, overrides, env))  # refused by the config itself, e.g. b < max_summaries
+        m = summary_regions_of(a)
+        if m and load_config(model_config, overrides)["max_regions"] == m:
+            raise UserError(f"--arms: {a} is the compressed-summary arm on {env} (max_regions={m} in "
+                            f"{model_config.name}); use compressed-summary")
 
 
 def say(msg: str) -> None:
@@ -376,8 +412,9 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
             "compressed-summary": 3, "compressed-summary-accumulate": 3}
 
     def cost_of(arm: str) -> int:  # stride arms: compressed's cost; windows / regions: their number of rollouts;
-        back = summary_back_of(arm)  # compressed-summary-back<b>: the summary arm's plus its b pruned regions
-        return cost.get(arm, rollouts_of(arm) or regions_of(arm) or (3 + back if back else 2))
+        back = summary_back_of(arm)  # compressed-summary-back<b>: the summary arm's plus its b pruned regions;
+        raw = summary_regions_of(arm)  # compressed-summary-r<m>: its m raw regions plus the 3 pruned ones
+        return cost.get(arm, rollouts_of(arm) or regions_of(arm) or (3 + back if back else 3 + raw if raw else 2))
 
     todo.sort(key=lambda job: -cost_of(job[0].split()[1]))
     run_concurrently({name: ("train.py", args, log) for name, args, log in todo}, max_jobs=jobs)
@@ -500,19 +537,29 @@ def stage_tune(root: Path, out: Path, cfg: dict, arms: list[str], seeds: list[in
              for arm in arms for s in seeds for t in temperatures]
     n_run = run_evals(root, specs, jobs, "tune on the validation goals")
     opt = np.array([task_family(cfg).optimal_return(g, cfg) for g in task_split(cfg, "val")], dtype=np.float64)
-    chosen, table = {}, {}
+    chosen, table, at_chosen = {}, {}, {}
+    last = st.last_window(episodes)
     for arm in arms:
         R = {t: load_returns(root, arm, seeds, "val", t, [TUNE_EVAL_SEED], episodes)[0] for t in temperatures}
         chosen[arm], table[arm] = st.choose_temperature(R, opt, never_slack=never_slack)
+        at_chosen[arm] = R[chosen[arm]][..., -last:]
         say(f"tune {arm}: val " + ", ".join(
             f"T={t:g} last {v['mean_last']:.3f} never {v['never_frac']:.1%}{'' if v['eligible'] else ' (strands runs)'}"
             for t, v in table[arm].items()) + f" -> T={chosen[arm]:g}")
+    # how far apart the arms are on validation, with the interval a decision between them has to respect
+    val_ci = {a: st.aggregate({a: st.run_scores(R, opt)})[a]["mean_ci"] for a, R in at_chosen.items()}
+    val_pairs = {f"{a} - {b}": st.paired_goal_differences(at_chosen[a], at_chosen[b], opt)
+                 for a, b in comparison_pairs(arms)}
+    for name, d in val_pairs.items():
+        say(f"val {name}, last {last} at each arm's T: {d['mean_diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
     rule = (f"among the temperatures whose fraction of runs never reaching 90 % of the optimum is within {never_slack:g} "
-            f"of the lowest, the best mean over the last {st.last_window(episodes)} of {episodes} validation episodes")
+            f"of the lowest, the best mean over the last {last} of {episodes} validation episodes")
     (out / "tuning.json").write_text(json.dumps({
         "temperatures": chosen, "rule": rule, "never_slack": never_slack, "episodes": episodes,
         "val_scores": {a: {f"{t:g}": v["mean"] for t, v in s.items()} for a, s in table.items()},  # all-episode means
-        "val_table": {a: {f"{t:g}": v for t, v in s.items()} for a, s in table.items()}}, indent=1))
+        "val_table": {a: {f"{t:g}": v for t, v in s.items()} for a, s in table.items()},
+        "val_last_ci": val_ci,  # each arm at its temperature: the last window's mean, 95 % CI (runs x goals)
+        "val_pairs": {k: {"mean_diff": d["mean_diff"], "ci": d["ci"]} for k, d in val_pairs.items()}}, indent=1))
     return chosen, n_run
 
 
@@ -616,6 +663,10 @@ def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
     pairs += [("compressed-summary", "compressed"), ("compressed-summary", "compressed-r2"),
               ("compressed-summary", "compressed-summary-accumulate"), ("compressed-summary-accumulate", "compressed")]
     pairs += [(a, b) for a in arms if summary_back_of(a) for b in ("compressed-summary", "compressed")]
+    # with m raw regions: against the default summary arm, and against pruning alone at m regions (compressed-r<m>, or
+    # compressed itself where its config keeps m)
+    pairs += [(a, b) for a in arms if summary_regions_of(a)
+              for b in ("compressed-summary", f"compressed-r{summary_regions_of(a)}", "compressed")]
     return [(a, b) for a, b in pairs if a in arms and b in arms]
 
 
@@ -776,6 +827,8 @@ def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | No
     size |= {a: f"compressed-summary trained with {summary_back_of(a)} pruned regions in front of each sample "
                 f"(summary_train_regions={summary_back_of(a)}: the summary chain trained {summary_back_of(a)} closes deep)"
              for a in arms if summary_back_of(a)}
+    size |= {a: f"compressed-summary with {summary_regions_of(a)} raw regions (max_regions={summary_regions_of(a)}) "
+                "plus the summaries" for a in arms if summary_regions_of(a)}
     size["compressed-summary"] = (f"compressed with summary tokens (config/model/ad_*_summary.yaml): max_regions raw "
                                   f"regions plus {kept}, closed by its </compress> head")
     size["compressed-summary-accumulate"] = ("compressed-summary with accumulated summaries (summary_mode=accumulate, "

@@ -8,8 +8,13 @@ puts them to work:
   regions' step tokens only; summary tokens have none, they are trained by the later regions' action losses through
   the mask. The oldest pruned region of a sample sees no summary before it (the summary chain is truncated there):
   an evaluation context equals a training sample exactly while the sample reaches back to region 0
-  (`k - max_regions + 1 <= summary_train_regions`); later, its oldest kept summary was computed from a longer chain
-  than training ever backpropagates through (the layout, positions and mask stay those of a training sample).
+  (`k - max_regions + 1 <= summary_train_regions`). Later its oldest kept summary was computed from a longer chain,
+  but in recurrent mode that changes nothing the sample's decisions compute once `summary_train_regions >= n_layer + 1
+  - max_regions` (3 for the configs' 4 layers and 2 raw regions): a summary reads the one before it at the same layer,
+  so a chain reaches a token's last layer from n_layer regions back at most, the oldest of them through its
+  content-free first-layer keys; a training sample then computes the open region's logits exactly as evaluation does
+  at any length, and beyond n_layer pruned regions none of its losses changes (tests/test_summary.py,
+  docs/experiments.md E68).
 - `SummaryContexts` / `run_in_context`: evaluation. The cache of a stream holds, in slots of their own, the summaries of
   the pruned regions it keeps (`max_summaries` groups, or one in recurrent mode), then its raw part. After each prune
   the raw part is rebuilt against those summaries, so every cached key/value is the one a teacher-forced pass over the
@@ -111,6 +116,49 @@ class SummarySampler:
         b["first_raw"][i] = first_raw - first
         b["n_regions"][i] = k + 1 - first_raw
         return at
+
+
+def logged_stream(log: dict, row: int = 0) -> tuple[dict, np.ndarray]:
+    """Stream `row` of an evaluation's `context_log` (run_in_context with record_logits) as one task's training data,
+    as dataset.load_history holds it (one stream, regions from the log; actions and markers are placeholders), and the
+    region of each of its steps: what `SummarySampler.put` turns into the training sample of any of its regions."""
+    n = int(log["length"][row])
+    types, region = log["type"][row, :n], log["region"][row, :n]
+    steps = (types == STEP).nonzero().flatten()
+    step_region = region[steps].numpy()
+    bounds = [np.flatnonzero(step_region == r)[[0, -1]] + [0, 1] for r in range(int(step_region.max()) + 1)]
+    d = {"state_ids": log["state"][row, steps].numpy()[:, None], "prev_ids": log["prev"][row, steps].numpy()[:, None],
+         "actions": np.zeros((len(steps), 1), np.int64), "compress_end": np.zeros((len(steps), 1), bool),
+         "regions": [np.array(bounds)]}
+    return d, step_region
+
+
+@torch.no_grad()
+def reach(model, cfg: dict, goals: list[int], backs: list[int], *, n_streams: int, n_episodes: int, seed: int,
+          temperature: float) -> dict[int, dict]:
+    """How many pruned regions must a training sample hold to compute the evaluation's decisions? Rolls the model out
+    (cached) and, for every region k of every stream, compares the action distribution at its steps with the one the
+    training sample of region k with b pruned regions in front gives (`put(..., back=b)`). Returns, per b, the mean
+    and max over regions of the largest total-variation distance at a step: ~1e-7 (rounding) once b reaches what the
+    decisions depend on (model/summary.py: n_layer + 1 - max_regions in recurrent mode)."""
+    res = run_in_context(model, cfg, goals, n_streams=n_streams, n_episodes=n_episodes, seed=seed,
+                         temperature=temperature, progress=False, record_logits=True)
+    want_all = torch.softmax(res["logits"][..., :model.head_action.out_features].float(), -1)  # (steps, B, A)
+    tv = {b: [] for b in backs}
+    for row in range(want_all.shape[1]):
+        d, step_region = logged_stream(res["context_log"], row)
+        sampler = SummarySampler({0: d}, cfg, 1, seed=0)
+        for k in range(len(d["regions"][0])):
+            want = want_all[np.flatnonzero(step_region == k), row]
+            for back in backs:
+                b = sampler.empty(1, back)
+                length = sampler.put(b, 0, d, 0, k, back)
+                batch = {key: v.to(want.device) for key, v in trim(b, length).items()}
+                logits = model(batch)["logits_action"][0]
+                first = k - int(batch["n_regions"][0]) + 1 - int(batch["first_raw"][0])  # region 0 of the sample
+                got = torch.softmax(logits[(batch["type_ids"][0] == STEP) & (batch["region_ids"][0] == k - first)].float(), -1)
+                tv[back].append(0.5 * float((got - want).abs().sum(-1).max()))
+    return {b: {"mean_tv": float(np.mean(v)), "max_tv": float(np.max(v)), "n_regions": len(v)} for b, v in tv.items()}
 
 
 def trim(b: dict, length: int) -> dict:

@@ -21,7 +21,9 @@ Visibility (`visible`), on top of causality (a token sees only tokens before it 
   replaces it; the cache keeps one pruned summary).
 So every token after a pruned region sees it only through summary tokens. A summary reads older summaries' keys and
 values at the same layer, so information moves one summary hop per layer: through the recurrent chain a region reaches
-a token at most `n_layer - 1` regions after it (accumulate reads the kept summaries directly).
+a token at most `n_layer - 1` regions after it (accumulate reads the kept summaries directly), and a recurrent
+training sample with `n_layer + 1 - max_regions` pruned regions computes its open region exactly as evaluation does,
+however long the evaluation (summary.py).
 
 Positions (`layout_positions`): the raw part restarts at 0 at the oldest raw region's `<compress>`, as without
 summaries, and summary tokens take positions in it like any token (`... E S_1 .. S_n C ...`); each pruned region is

@@ -70,6 +70,10 @@ CASES = [
     ("eval_overwrite_other_settings", "evaluate.py", ["--run-dir", "run", "eval_seed=1"],
      "holds an evaluation of these weights with eval_seed=0 (now 1); pass --force"),
     ("probe_model_key", "probe.py", ["--run-dir", "run", "d_model=8"], "'d_model' is fixed by the checkpoint"),
+    ("probe_reach_of_no_summary_run", "probe.py", ["--run-dir", "run", "--summary-reach", "0,3"],
+     "--summary-reach needs a summary run (use_summary=true)"),
+    ("probe_reach_bad_number", "probe.py", ["--run-dir", "run", "--summary-reach", "1,-2"],
+     "--summary-reach must be comma-separated numbers of pruned regions >= 0, got '1,-2'"),
     ("existing_history", "collect.py", ["--goals", "0", *TINY_COLLECT, "traj_dir=datasets"], "already exists: pass --force"),
 ]  # fmt: skip
 

@@ -13,7 +13,7 @@ from conftest import run_script
 
 import evaluate
 import study
-from common import ENV_CONFIGS, ROOT, UserError, load_config
+from common import ENV_CONFIGS, ROOT, UserError, load_config, min_summary_context
 from model import AD, ADConfig
 
 TINY = ["d_model=16", "n_layer=2", "n_head=2", "n_steps=10", "compress_interval=10", "eval_streams=2"]
@@ -104,8 +104,29 @@ def test_summary_back_arms_train_the_summary_config_deeper_on_every_env():
         study.check_arms("darkroom", ["compressed-summary-back2"], ["summary_mode=accumulate", "max_summaries=3"])
 
 
+def test_summary_regions_arms_keep_more_raw_regions_on_every_env():
+    """compressed-summary-r<m>: the env's summary config with max_regions=m and n_transit sized for m raw regions (and
+    nothing else changed), which its sampler accepts; compared with compressed-summary and compressed."""
+    for env in ENV_CONFIGS:
+        base = load_config(*study.train_config("compressed-summary", 1, [], env))
+        cfg = load_config(*study.train_config("compressed-summary-r3", 1, [], env))
+        assert {k for k in cfg if cfg[k] != base[k]} == {"max_regions", "n_transit"} and cfg["max_regions"] == 3
+        # as the env's summary config sizes its 2 regions: the positions of C r E S^n ... C r plus 5 of slack
+        need = min_summary_context(cfg["n_steps"], 3, cfg["n_summary"])
+        assert cfg["n_transit"] == need + 5 and base["n_transit"] == min_summary_context(base["n_steps"], 2, 4) + 5
+    assert study.eval_prune_of("compressed-summary-r3") == "model" and study.checkpoint_of("compressed-summary-r3") == (
+        "compressed-summary-r3")
+    assert study.color_of("compressed-summary-r3") != study.color_of("compressed-summary-r4")
+    pairs = study.comparison_pairs(["compressed", "compressed-summary", "compressed-summary-r3"])
+    assert {("compressed-summary-r3", "compressed-summary"), ("compressed-summary-r3", "compressed")} <= set(pairs)
+    study.check_arms("darkroom_permuted", ["compressed-summary-r3"], [])
+    with pytest.raises(UserError, match=r"^--arms: compressed-summary-r2 is the compressed-summary arm on darkroom_permuted "
+                                        r"\(max_regions=2 in ad_dp_summary.yaml\); use compressed-summary$"):
+        study.check_arms("darkroom_permuted", ["compressed-summary-r2"], [])
+
+
 @pytest.mark.parametrize("arm", ["compressed-r0", "standard-100", "standard-0", "compressed-summaries", "standard",
-                                 "compressed-summary-back0"])
+                                 "compressed-summary-back0", "compressed-summary-r0"])
 def test_bad_arm_names_are_refused_in_one_line(arm):
     with pytest.raises(UserError) as e:
         study.parse_arms(f"compressed,{arm}")

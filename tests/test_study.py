@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import TINY_COLLECT, run_script
 
+import study
 import study_stats as st
 from common import ENV_CONFIGS, env_configs, load_config
 from env import optimal_return, task_split
@@ -29,6 +30,11 @@ def tiny_study(tmp_path_factory) -> dict:
     return {"root": root / "study", "proc": proc, "args": args, "cfg": cfg}
 
 
+def table_of(tuning: dict, arm: str) -> dict:
+    """An arm's validation row at its chosen temperature."""
+    return tuning["val_table"][arm][f"{tuning['temperatures'][arm]:g}"]
+
+
 def test_study_trains_tunes_evaluates_and_reports(tiny_study):
     root, out = tiny_study["root"], tiny_study["proc"].stdout
     assert "skip collection" in out
@@ -47,6 +53,14 @@ def test_study_trains_tunes_evaluates_and_reports(tiny_study):
         floor = min(v["never_frac"] for v in table.values())
         assert all(v["eligible"] == (v["never_frac"] <= floor + tuning["never_slack"] + 1e-12) for v in table.values())
         assert f"{tuning['temperatures'][arm]:g}" == max(eligible, key=eligible.get)
+        lo, hi = tuning["val_last_ci"][arm]  # the chosen temperature's last-window mean, inside its interval
+        assert lo <= table[f"{tuning['temperatures'][arm]:g}"]["mean_last"] <= hi
+    # the arms' paired validation differences at their temperatures, for the study's pairs
+    assert set(tuning["val_pairs"]) == {f"{a} - {b}" for a, b in study.comparison_pairs(list(arms))}
+    for a_b, d in tuning["val_pairs"].items():
+        a, b = a_b.split(" - ")
+        want = table_of(tuning, a)["mean_last"] - table_of(tuning, b)["mean_last"]
+        assert d["mean_diff"] == pytest.approx(want) and d["ci"][0] <= d["mean_diff"] <= d["ci"][1]
     report = json.loads((root / "report.json").read_text())
     assert report["goals"] == [38, 51, 62, 65, 33, 5, 53, 49] and report["seeds"] == [0, 1]
     # the report's numbers are those of the saved test evaluations
@@ -120,7 +134,7 @@ def test_study_refuses_bad_arguments(tmp_path):
         "dpt, searcher, ppo, source-eps, compressed-summary, compressed-summary-accumulate, compressed-stride<s> (s >= 2; "
         "compressed is stride 1), compressed-stride<s>-any (s >= 1), compressed-eps-stride<s> (s >= 2; compressed-eps is "
         "stride 1), compressed-r<m> (m >= 1 regions), compressed-summary-back<b> (b >= 1 pruned regions in front of a training "
-        "sample), standard-<w> (w = 80 k: a window of k >= 1 rollouts)"]
+        "sample), compressed-summary-r<m> (m >= 1 raw regions), standard-<w> (w = 80 k: a window of k >= 1 rollouts)"]
     bad = run_script("study.py", "--runs-root", str(tmp_path), "--arms", "compressed-stride1", check=False)
     assert bad.returncode == 2 and "compressed-stride1 is not one of" in bad.stderr
     assert not any(tmp_path.iterdir())  # nothing written

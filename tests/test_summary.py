@@ -13,7 +13,7 @@ from common import ROOT, UserError, load_config
 from model import AD, ADConfig
 from model.ad import COMPRESS_END, COMPRESS_START, IGNORE, STEP, SUMMARY, masked_attention
 from model.summary import attention_mask, key_ranges, layout_positions
-from summary import SummarySampler
+from summary import SummarySampler, logged_stream, reach
 
 N_SUMMARY, L = 2, 3  # summary tokens per region, steps per region of the constructed streams
 
@@ -223,37 +223,74 @@ def test_cached_evaluation_equals_a_teacher_forced_pass_with_summaries(mode, max
     assert s["kv_entries_per_stream_max"] <= kept * N_SUMMARY + cfg["n_transit"]
 
 
+def sample_logits(model, cfg: dict, d: dict, k: int, back: int | None) -> torch.Tensor:
+    """The model's logits (action, token type) at the open region k's steps of the training sample for region k."""
+    b = sample(cfg, d, k, back)
+    first = int(b["region_ids"][0, 0]) if back is None else max(0, k - cfg["max_regions"] + 1 - back)
+    in_k = (b["type_ids"][0] == STEP) & (b["region_ids"][0] == k - first)
+    with torch.no_grad():
+        out = model(b)
+    return torch.cat([out["logits_action"], out["logits_token_type"]], -1)[0, in_k]
+
+
 @pytest.mark.parametrize("mode,max_regions,kept", [("accumulate", 2, 2), ("recurrent", 1, 1), ("accumulate", 3, 1)])
 def test_evaluation_contexts_are_training_samples(mode, max_regions, kept):
     """Each step's logits at evaluation equal the model's on the training sample (SummarySampler.put, from the same
     tokens) whose open region is that step's, wherever the sample reaches back to the stream's start."""
     model, cfg = eval_setup(mode, max_regions, kept, ["eval_prune=fixed"])
     res = run(model, cfg, True, n_episodes=4)
-    log = res["context_log"]
-    n = int(log["length"][0])
-    types, region = log["type"][0, :n], log["region"][0, :n]
-    steps = (types == STEP).nonzero().flatten()
-    step_region = region[steps].numpy()
-    K = int(step_region.max()) + 1
-    d = {"state_ids": log["state"][0, steps].numpy()[:, None], "prev_ids": log["prev"][0, steps].numpy()[:, None],
-         "actions": np.zeros((len(steps), 1), np.int64), "compress_end": np.zeros((len(steps), 1), bool),
-         "regions": [np.array([[np.flatnonzero(step_region == r)[0], np.flatnonzero(step_region == r)[-1] + 1]
-                               for r in range(K)])]}
+    d, step_region = logged_stream(res["context_log"])
+    K = len(d["regions"][0])
     assert K >= 8
     for k in range(K):
         # the config's sample (summary_train_regions=0: max_summaries pruned regions) where it reaches back to region 0,
         # and for every region the sample that holds the whole stream (summary_train_regions >= k)
         reaches_start = k - max_regions + 1 <= cfg["max_summaries"]
         for back in ([None] if reaches_start else []) + [k]:
-            b = sample(cfg, d, k, back)
-            first = int(b["region_ids"][0, 0]) if back is None else 0
-            in_k = (b["type_ids"][0] == STEP) & (b["region_ids"][0] == k - first)
-            assert int(b["first_raw"][0]) == max(0, k - max_regions + 1)
-            with torch.no_grad():
-                out = model(b)
-            got = torch.cat([out["logits_action"], out["logits_token_type"]], -1)[0, in_k]
+            if back is None:
+                assert int(sample(cfg, d, k)["first_raw"][0]) == max(0, k - max_regions + 1)
             want = res["logits"][np.flatnonzero(step_region == k), 0]
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(sample_logits(model, cfg, d, k, back), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_layer,max_regions", [(4, 2), (3, 1), (2, 1)])
+def test_recurrent_summary_reaches_n_layer_regions_back_and_no_further(n_layer, max_regions):
+    """A summary reads the previous one's keys/values at the same layer, so a token's output at the last layer depends
+    on the summary chain n_layer regions back at most (the oldest through its content-free first-layer keys): a training
+    sample with `n_layer + 1 - max_regions` pruned regions computes exactly the evaluation's logits at every region of
+    an evaluation however long, and one pruned region fewer does not. (docs/experiments.md E68: summary_train_regions
+    beyond this changes no decision's logits; beyond n_layer, no loss at all.)"""
+    model, cfg = eval_setup("recurrent", max_regions, 1, ["eval_prune=fixed", f"n_layer={n_layer}"])
+    with torch.no_grad():  # larger weights: the missing key's effect far above rounding (it is ~1e-7 at init)
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(8)
+    res = run(model, cfg, True, n_episodes=6)
+    d, step_region = logged_stream(res["context_log"])
+    K = len(d["regions"][0])
+    enough = n_layer + 1 - max_regions
+    assert K >= enough + max_regions + 4  # most regions lie beyond the sample's reach
+    short = []
+    for k in range(K):
+        want = res["logits"][np.flatnonzero(step_region == k), 0]
+        torch.testing.assert_close(sample_logits(model, cfg, d, k, enough), want, atol=1e-5, rtol=1e-5)
+        short.append((sample_logits(model, cfg, d, k, enough - 1) - want).abs().max().item())
+    assert max(short[: enough - 1 + max_regions]) < 1e-5  # a sample that still reaches region 0 is exact
+    assert min(short[enough + max_regions:]) > 1e-4, short  # one region short of the chain: not the evaluation's
+
+
+def test_reach_probe_finds_the_depth_a_decision_depends_on():
+    """summary.reach (probe.py --summary-reach): rounding-level distance from n_layer + 1 - max_regions pruned regions
+    on, a clear one below (the same rule as the test above, measured as policies)."""
+    model, cfg = eval_setup("recurrent", 1, 1, ["eval_prune=fixed", "n_layer=2"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(8)
+    r = reach(model, cfg, [38], [0, 1, 2, 3], n_streams=2, n_episodes=5, seed=0, temperature=1.0)
+    assert set(r) == {0, 1, 2, 3} and all(v["n_regions"] >= 2 * 8 for v in r.values())
+    assert r[2]["max_tv"] < 1e-5 and r[3]["max_tv"] < 1e-5  # n_layer + 1 - max_regions = 2
+    assert r[1]["max_tv"] > 1e-4 and r[0]["mean_tv"] > r[1]["mean_tv"]  # no summary at all is furthest
 
 
 def test_kv_cache_is_bounded_over_long_evaluations():
