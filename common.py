@@ -273,7 +273,7 @@ def max_region_steps(cfg: dict) -> int:
     return (cfg["n_transit"] + 1) // cfg["max_regions"] - 2
 
 
-SUMMARY_MODES = ("accumulate", "recurrent")  # model/summary.py
+SUMMARY_MODES = ("accumulate", "recurrent", "feedback")  # model/summary.py
 
 
 def min_summary_context(interval: int, max_regions: int, n_summary: int) -> int:
@@ -295,8 +295,8 @@ def validate_summary(cfg: dict) -> None:
         raise UserError(f"use_summary=true needs n_summary>=1 (summary tokens per closed region), got {n!r}")
     if mode not in SUMMARY_MODES:
         raise UserError(f"summary_mode must be one of {', '.join(SUMMARY_MODES)}; got {mode!r}")
-    if kept < 1 or (mode == "recurrent" and kept != 1):
-        fix = "set max_summaries=1 (recurrent keeps one summary) or summary_mode=accumulate" if kept >= 1 else "set it >= 1"
+    if kept < 1 or (mode != "accumulate" and kept != 1):
+        fix = f"set max_summaries=1 ({mode} keeps one summary) or summary_mode=accumulate" if kept >= 1 else "set it >= 1"
         raise UserError(f"max_summaries={kept} does not fit summary_mode={mode}: {fix}")
     back = cfg.get("summary_train_regions", 0)
     if back < 0 or 0 < back < kept:

@@ -30,6 +30,8 @@ Optional arms (`--arms`; not in the default study, so its cost is unchanged):
   of older ones, the env's config/model/ad_{dr,kd,dp}_summary.yaml (one recurrent summary, chosen on validation goals:
   docs/experiments.md E41), evaluated with the model's `</compress>`; compressed-summary-accumulate: the same config
   with the other variant (summary_mode=accumulate: the summaries of the last 3 pruned regions kept, trained as far back);
+  compressed-summary-feedback: the same config with summary_mode=feedback (every layer reads a pruned summary through
+  its last-layer states, so content travels past n_layer regions: model/summary.py);
   compressed-summary-back<b> (b >= 1): the summary config trained with summary_train_regions=b (b pruned regions in
   front of each sample: the summary chain backpropagated b closes deep; the config's own b is compressed-summary; in
   recurrent mode a sample computes every decision as evaluation does from b = n_layer + 1 - max_regions on, and b
@@ -85,7 +87,7 @@ from plots import pyplot
 
 ARMS = ("standard-240", "standard-160", "compressed", "compressed-fixed")  # the default study
 OPTIONAL_ARMS = ("compressed-adaptive", "compressed-eps", "dpt", "searcher", "ppo", "source-eps", "compressed-summary",
-                 "compressed-summary-accumulate")  # and the patterns below
+                 "compressed-summary-accumulate", "compressed-summary-feedback")  # and the patterns below
 REFERENCE_ARMS = ("searcher", "ppo", "source-eps")  # reference learners: no checkpoint, no temperature
 SOURCE_MODE = {"source-eps": "eps"}  # reference arms read from a history file other than PPO's: the mode they source
 STRIDE_ARM = re.compile(r"compressed(-eps)?-stride([0-9]+)(-any)?")  # compressed AD (-eps: compressed-eps) trained with
@@ -116,14 +118,17 @@ TRAINED = {  # arm -> (the env's model config: standard, compressed, adaptive, e
     "compressed-summary-accumulate": ("summary", lambda n: ["summary_mode=accumulate",
                                                             f"max_summaries={ACCUMULATE_SUMMARIES}",
                                                             "summary_train_regions=0"]),
+    # the recurrent summary with a feedback memory: a pruned summary is read through its last-layer states (E69)
+    "compressed-summary-feedback": ("summary", lambda n: ["summary_mode=feedback"]),
 }
 CHECKPOINT_OF = {"standard-240": "standard-240", "standard-160": "standard-160", "compressed": "compressed",
                  "compressed-fixed": "compressed", "compressed-adaptive": "compressed-adaptive", "dpt": "dpt",
                  "compressed-eps": "compressed-eps",
                  "compressed-summary": "compressed-summary",
-                 "compressed-summary-accumulate": "compressed-summary-accumulate"}
+                 "compressed-summary-accumulate": "compressed-summary-accumulate",
+                 "compressed-summary-feedback": "compressed-summary-feedback"}
 EVAL_PRUNE = {"compressed": "model", "compressed-fixed": "fixed", "compressed-adaptive": "model", "compressed-eps": "model",
-              "compressed-summary": "model", "compressed-summary-accumulate": "model"}
+              "compressed-summary": "model", "compressed-summary-accumulate": "model", "compressed-summary-feedback": "model"}
 OWN_SOURCE = {  # env -> mode -> (collection config, model config) of the arms with a history file of their own
     "darkroom": {
         "adaptive": (CONFIG_DIR / "algorithm" / "ppo_darkroom_adaptive_streams.yaml",
@@ -144,7 +149,7 @@ COLORS = {"standard-240": "tab:blue", "standard-160": "tab:cyan", "compressed": 
           "compressed-adaptive": "tab:purple", "compressed-eps": "magenta",
           "PPO (source)": "tab:gray", "dpt": "tab:red", "searcher": "tab:brown",
           "ppo": "tab:gray", "source-eps": "violet", "compressed-summary": "tab:orange",
-          "compressed-summary-accumulate": "chocolate"}
+          "compressed-summary-accumulate": "chocolate", "compressed-summary-feedback": "crimson"}
 STRIDE_COLORS = ("tab:pink", "darkgreen", "lime", "teal")
 STRIDE_ANY_COLORS = ("gold", "sienna", "orchid", "black")  # compressed-stride<s>-any, by s
 EPS_STRIDE_COLORS = ("darkviolet", "indigo", "mediumvioletred", "plum")  # compressed-eps-stride<s>, by s
@@ -409,7 +414,8 @@ def stage_train(root: Path, arms: list[str], seeds: list[int], overrides: list[s
         return len(todo)
     # the longest first (standard-240 of every seed), so that the two cores stay busy to the end
     cost = {"standard-240": 3, "standard-160": 2, "compressed": 2, "compressed-adaptive": 3, "compressed-eps": 2, "dpt": 3,
-            "compressed-summary": 3, "compressed-summary-accumulate": 3}
+            "compressed-summary": 3, "compressed-summary-accumulate": 3,
+            "compressed-summary-feedback": 3}
 
     def cost_of(arm: str) -> int:  # stride arms: compressed's cost; windows / regions: their number of rollouts;
         back = summary_back_of(arm)  # compressed-summary-back<b>: the summary arm's plus its b pruned regions;
@@ -661,7 +667,8 @@ def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
     # summaries against pruning: at the compressed arm's budget, and at the same raw regions without summaries (the
     # summary configs keep 2 raw regions; compressed keeps 3 on Key-to-Door and Darkroom-permuted)
     pairs += [("compressed-summary", "compressed"), ("compressed-summary", "compressed-r2"),
-              ("compressed-summary", "compressed-summary-accumulate"), ("compressed-summary-accumulate", "compressed")]
+              ("compressed-summary", "compressed-summary-accumulate"), ("compressed-summary-accumulate", "compressed"),
+              ("compressed-summary-feedback", "compressed-summary"), ("compressed-summary-feedback", "compressed")]
     pairs += [(a, b) for a in arms if summary_back_of(a) for b in ("compressed-summary", "compressed")]
     # with m raw regions: against the default summary arm, and against pruning alone at m regions (compressed-r<m>, or
     # compressed itself where its config keeps m)
@@ -831,6 +838,9 @@ def arm_windows(cfg: dict, arms: list[str], regions: int = 2, summary: dict | No
                 "plus the summaries" for a in arms if summary_regions_of(a)}
     size["compressed-summary"] = (f"compressed with summary tokens (config/model/ad_*_summary.yaml): max_regions raw "
                                   f"regions plus {kept}, closed by its </compress> head")
+    size["compressed-summary-feedback"] = ("compressed-summary with a feedback memory (summary_mode=feedback): a pruned "
+                                           "summary is read through its last-layer states, so the chain carries a "
+                                           "region on past n_layer regions")
     size["compressed-summary-accumulate"] = ("compressed-summary with accumulated summaries (summary_mode=accumulate, "
                                              f"max_summaries={ACCUMULATE_SUMMARIES}): the summaries of the last "
                                              f"{ACCUMULATE_SUMMARIES} pruned regions kept side by side")

@@ -42,7 +42,7 @@ from model.ad import (
     encode_state,
     n_state_ids,
 )
-from model.summary import visible
+from model.summary import FEEDBACK, visible
 
 SEQUENCE_KEYS = ("type_ids", "state_ids", "prev_ids", "target_action", "target_token_type", "region_ids")
 
@@ -195,6 +195,8 @@ class SummaryContexts:
         self.oldest = torch.zeros(n, dtype=torch.long, device=device)  # region index of the oldest raw region
         self.current = torch.zeros(n, dtype=torch.long, device=device)  # region index of the open region
         self.cache = None
+        # feedback mode: the last-layer states of the raw tokens, whose summaries' memory a prune freezes
+        self.hidden = torch.zeros(n, self.cap, c.d_model, device=device) if self.mode == FEEDBACK else None
         self.all_rows = torch.arange(n, device=device)
         self.recomputed, self.kv_max = 0, 0
         self.kv_sum = torch.zeros(n, dtype=torch.long, device=device)  # KV entries summed over steps (their mean)
@@ -253,7 +255,11 @@ class SummaryContexts:
         slot = torch.where(real, self.F + idx, self.L - 1)
         seen = self.seen(slot, self.region.gather(1, gidx), types >= SUMMARY)
         out = self.model.extend_at(types, self.state.gather(1, gidx), self.prev.gather(1, gidx), idx, slot, seen,
-                                   n_new.clamp(min=1), self.cache)
+                                   n_new.clamp(min=1), self.cache, return_hidden=self.hidden is not None)
+        if self.hidden is not None:
+            out, h = out
+            row = self.all_rows[:, None].expand_as(idx)
+            self.hidden[row[real], idx[real]] = h[real].to(self.hidden.dtype)
         self.cached.copy_(self.length)
         return out
 
@@ -274,8 +280,7 @@ class SummaryContexts:
         T = int(self.log_len.max())
         ids = {k: v[:, :T] for k, v in self.log.items()}
         region = torch.where(torch.arange(T, device=self.device) < self.log_len[:, None], ids["region"], -1)
-        pos, mask = self.model.summary_layout(ids["type"], region, self.oldest)
-        h, _ = self.model.trunk(ids["type"], ids["state"], ids["prev"], pos, mask)
+        h = self.model.summary_hidden(ids["type"], ids["state"], ids["prev"], region, self.oldest)
         return self.model.heads(h[self.all_rows, self.log_len - 1])
 
     def prune(self, rows):
@@ -287,10 +292,15 @@ class SummaryContexts:
         s = in_oldest.sum(1)  # tokens of the oldest region: C r E S^n, its summaries last
         if self.cache is not None:
             src = self.F + s[:, None] - n + torch.arange(n, device=self.device)  # (R, n) slots of its summaries
-            for K, V in self.cache:
-                for X in (K, V):
-                    new = X[rows[:, None], :, src].transpose(1, 2)  # (R, H, n, Dh)
-                    X[rows, :, : self.F] = torch.cat([X[rows, :, n : self.F], new], 2)
+            if self.hidden is not None:  # feedback: what stays is the memory of the summaries' last-layer states
+                top = self.hidden[rows[:, None], src - self.F]  # (R, n, D)
+                for (K, V), (k, v) in zip(self.cache, self.model.memory_kv(top.to(self.cache[0][0].dtype)), strict=True):
+                    K[rows, :, : self.F], V[rows, :, : self.F] = k, v  # one summary kept (F = n)
+            else:
+                for K, V in self.cache:
+                    for X in (K, V):
+                        new = X[rows[:, None], :, src].transpose(1, 2)  # (R, H, n, Dh)
+                        X[rows, :, : self.F] = torch.cat([X[rows, :, n : self.F], new], 2)
         self.frozen_region[rows] = torch.cat([self.frozen_region[rows, n:], self.oldest[rows, None].expand(R, n)], 1)
         self.frozen_valid[rows] = torch.cat([self.frozen_valid[rows, n:], torch.ones_like(self.frozen_valid[rows, :n])], 1)
         src = (torch.arange(self.cap, device=self.device)[None] + s[:, None]).clamp(max=self.cap - 1)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.summary import attention_mask, key_ranges, layout_positions
+from model.summary import FEEDBACK, attention_mask, key_ranges, layout_positions, prefix_mask, segment
 
 N_ACTIONS = 5
 STEP, COMPRESS_START, COMPRESS_END = 0, 1, 2  # token types
@@ -85,14 +85,18 @@ SUMMARY_FIELDS = ("use_summary", "n_summary", "summary_mode", "max_summaries")
 
 
 def masked_attention(q, k, v, mask, dropout_p: float, ranges=None):
-    """SDPA over (B, H, T, Dh): causal without `mask`, else under the boolean `mask` (B, 1, T, T); with `ranges`
-    [(start, stop, lo)], query chunk start..stop-1 attends to keys lo..stop-1 only (every key it may see is there)."""
+    """SDPA of queries (B, H, T, Dh) over keys/values (B, H, P + T, Dh): causal without `mask` (P = 0), else under the
+    boolean `mask` (B, 1, T, P + T), whose first P keys are a prefix (a feedback memory, model/summary.py); with
+    `ranges` [(start, stop, lo)], query chunk start..stop-1 attends to keys lo..stop+P-1 only (every key it may see is
+    there)."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     if ranges is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:b], v[:, :, lo:b], attn_mask=mask[..., a:b, lo:b],
-                                                     dropout_p=dropout_p) for a, b, lo in ranges], dim=2)
+    P = k.shape[2] - q.shape[2]
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:b + P], v[:, :, lo:b + P],
+                                                     attn_mask=mask[..., a:b, lo:b + P], dropout_p=dropout_p)
+                      for a, b, lo in ranges], dim=2)
 
 
 class Block(nn.Module):
@@ -105,9 +109,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(c.d_model, 4 * c.d_model), nn.GELU(), nn.Linear(4 * c.d_model, c.d_model))
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x, kv=None, slots=None, bias=None, mask=None, ranges=None):
-        """x: (B, T, D). Without `kv`: causal attention over x, or under the boolean `mask` (B, T, T) (True = attend),
-        chunk by chunk over the key `ranges` of model/summary.py `key_ranges` when given.
+    def forward(self, x, kv=None, slots=None, bias=None, mask=None, ranges=None, prefix=None):
+        """x: (B, T, D). Without `kv`: causal attention over x, or under the boolean `mask` (B, T, P + T) (True = attend),
+        chunk by chunk over the key `ranges` of model/summary.py `key_ranges` when given; `prefix` = (K, V) (B, H, P, Dh)
+        are P keys/values in front of x's own (a feedback memory: `memory_kv`). Returns the new hidden states and x's own
+        (k, v).
         With `kv` = (K, V) caches (B, H, L, Dh): the new keys/values are written at the flat row indices `slots` (B*H*T,)
         of the caches seen as (B*H*L, Dh), and queries attend to all L slots under the additive mask `bias` (B*H, T, L)
         (0 = visible, -inf = not)."""
@@ -116,7 +122,9 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
         drop = self.dropout if self.training else 0.0
         if kv is None:
-            m = None if mask is None else mask[:, None]  # (B, 1, T, T): the same for every head
+            m = None if mask is None else mask[:, None]  # (B, 1, T, P + T): the same for every head
+            if prefix is not None:
+                k, v = torch.cat([prefix[0].to(k.dtype), k], 2), torch.cat([prefix[1].to(v.dtype), v], 2)
             if x.device.type == "cpu" and q.dtype != torch.float32:
                 # bf16 autocast on CPU: the linear layers gain ~5x from bf16 matmuls, but the CPU flash-attention kernel
                 # at head dim 16 is ~1.5x slower in bf16 than in fp32 (docs/experiments.md E7), so attention runs in fp32
@@ -124,7 +132,8 @@ class Block(nn.Module):
                     y = masked_attention(q.float(), k.float(), v.float(), m, drop, ranges)
             else:
                 y = masked_attention(q, k, v, m, drop, ranges)
-            new_kv = (k, v)
+            P = 0 if prefix is None else prefix[0].shape[2]
+            new_kv = (k[:, :, P:], v[:, :, P:])
         else:
             # Decoding a few tokens per stream: explicit bmm attention over the whole (contiguous) cache is faster on
             # CPU than SDPA's flash kernel with a mask, and slicing the cache to the used length makes bmm copy it.
@@ -207,27 +216,89 @@ class AD(nn.Module):
         logits_type = self.head_token_type(h) if self.head_token_type is not None else None
         return self.head_action(h), logits_type
 
-    def trunk(self, type_ids, state_ids, prev_ids, pos_ids=None, attn_mask=None):
+    def trunk(self, type_ids, state_ids, prev_ids, pos_ids=None, attn_mask=None, prefix=None):
         """Full pass over right-padded sequences (B, T): causal at positions 0..T-1, or at `pos_ids` under the boolean
         `attn_mask` (B, T, T), attention then computed by query chunks over the keys they may see (`key_ranges`);
-        returns hidden states and per-layer (K, V)."""
+        `prefix` = (per-layer (K, V) of P keys, (B, T, P) boolean of who sees them) puts P keys/values in front of every
+        layer's own. Returns hidden states and per-layer (K, V) of the T tokens."""
         pos = torch.arange(type_ids.shape[1], device=type_ids.device).expand_as(type_ids) if pos_ids is None else pos_ids
         h = self.embed(type_ids, state_ids, prev_ids, pos)
+        kv_prefix = [None] * len(self.blocks)
+        if prefix is not None:
+            kv_prefix, seen = prefix
+            attn_mask = torch.cat([seen, attn_mask], 2)
         ranges = None if attn_mask is None else key_ranges(attn_mask, ATTENTION_CHUNK)
         kvs = []
-        for blk in self.blocks:
-            h, kv = blk(h, mask=attn_mask, ranges=ranges)
+        for blk, p in zip(self.blocks, kv_prefix, strict=True):
+            h, kv = blk(h, mask=attn_mask, ranges=ranges, prefix=p)
             kvs.append(kv)
         return h, kvs
+
+    def memory_kv(self, h) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Feedback memory (summary_mode=feedback): the keys/values every layer reads for a pruned region's summary are
+        its summary tokens' last-layer states `h` (B, n, D) through that layer's own key/value projection (as the
+        Feedback Transformer's memory), so a summary written from the previous one's top carries it on however many
+        regions back; per layer (K, V), (B, H, n, Dh) each."""
+        B, n, D = h.shape
+        H = self.config.n_head
+        out = []
+        for blk in self.blocks:
+            _, k, v = blk.qkv(blk.ln1(h)).view(B, n, 3, H, D // H).permute(2, 0, 3, 1, 4)
+            out.append((k, v))
+        return out
+
+    def summary_hidden(self, type_ids, state_ids, prev_ids, region_ids, first_raw):
+        """Last-layer states (B, T, D) of a summary-mode sequence (model/summary.py's layout). Accumulate and recurrent:
+        one pass under the mask. Feedback: the pruned regions one after another (each `C r E S^n` at its own positions,
+        causal, reading the memory of the summary before it: `memory_kv`), then the raw part in one pass under the mask,
+        reading the last pruned summary's memory; a pruned region's own tokens are computed, their states are not
+        returned (zeros: they carry no targets)."""
+        c = self.config
+        pos, mask = self.summary_layout(type_ids, region_ids, first_raw)
+        if c.summary_mode != FEEDBACK:
+            return self.trunk(type_ids, state_ids, prev_ids, pos, mask)[0]
+        B, T = type_ids.shape
+        n = c.n_summary
+        memory = None  # (B, n, D): the last-layer states of the newest pruned summary of each row
+        for j in range(int(first_raw.max())):
+            rows = (first_raw > j).nonzero().flatten()
+            idx, valid = segment(region_ids[rows], j, j)
+            sub = [x[rows].gather(1, idx) for x in (type_ids, state_ids, prev_ids, pos)]
+            causal = torch.ones(idx.shape[1], idx.shape[1], dtype=torch.bool, device=idx.device).tril()
+            seg_mask = causal & valid[:, None, :] | torch.eye(idx.shape[1], dtype=torch.bool, device=idx.device)
+            prefix = None
+            if j > 0:
+                prefix = (self.memory_kv(memory[rows]), valid[:, :, None].expand(-1, -1, n))
+            h, _ = self.trunk(*sub, seg_mask, prefix)
+            ends = valid.sum(1)  # C r E S^n: its summaries are its last n tokens
+            at = (ends[:, None] - n + torch.arange(n, device=idx.device))[..., None].expand(-1, -1, h.shape[-1])
+            new = h.gather(1, at)
+            memory = new.new_zeros(B, n, h.shape[-1]).index_copy(0, rows, new) if memory is None else \
+                memory.index_copy(0, rows, new)
+        lo = first_raw.clone()
+        idx, valid = segment(region_ids, lo, None)
+        rel = torch.where(valid, region_ids.gather(1, idx) - lo[:, None], -1)
+        sub_type = type_ids.gather(1, idx)
+        raw_mask = attention_mask(rel, sub_type >= SUMMARY, torch.zeros_like(lo), c.summary_mode, c.max_summaries)
+        prefix = None
+        if memory is not None:
+            seen = prefix_mask(rel, sub_type >= SUMMARY, first_raw > 0, c.summary_mode, c.max_summaries)
+            prefix = (self.memory_kv(memory), seen[..., None].expand(-1, -1, n))
+        h, _ = self.trunk(sub_type, state_ids.gather(1, idx), prev_ids.gather(1, idx), pos.gather(1, idx), raw_mask, prefix)
+        out = h.new_zeros(B, T, h.shape[-1])
+        row = torch.arange(B, device=idx.device)[:, None].expand_as(idx)
+        out[row[valid], idx[valid]] = h[valid]
+        return out
 
     def forward(self, batch: dict) -> dict:
         """Training / teacher-forced pass. `batch` holds (B, T) `type_ids`, `state_ids`, `prev_ids`,
         `target_action` and, in compressed mode, `target_token_type` (IGNORE where unsupervised). A summary-mode batch
         also holds `region_ids` (B, T) and `first_raw` (B,), which give the positions and the attention mask."""
-        pos = mask = None
         if "region_ids" in batch:
-            pos, mask = self.summary_layout(batch["type_ids"], batch["region_ids"], batch["first_raw"])
-        h, _ = self.trunk(batch["type_ids"], batch["state_ids"], batch["prev_ids"], pos, mask)
+            h = self.summary_hidden(batch["type_ids"], batch["state_ids"], batch["prev_ids"], batch["region_ids"],
+                                    batch["first_raw"])
+        else:
+            h, _ = self.trunk(batch["type_ids"], batch["state_ids"], batch["prev_ids"])
         logits_action, logits_type = self.heads(h)  # (B, T, A), (B, T, 3)
         out = {"logits_action": logits_action}
         tgt = batch["target_action"]
@@ -285,10 +356,11 @@ class AD(nn.Module):
         return self.extend_at(type_ids, state_ids, prev_ids, pos, slot, seen, n_new, cache)
 
     @torch.no_grad()
-    def extend_at(self, type_ids, state_ids, prev_ids, pos, slot, seen, n_new, cache):
+    def extend_at(self, type_ids, state_ids, prev_ids, pos, slot, seen, n_new, cache, return_hidden: bool = False):
         """`extend` with the cache slots `slot` (B, N) the new keys/values go to and the boolean `seen` (B, N, L) of the
         slots each new token attends to (given, not causal by position: summary mode keeps the keys/values of pruned
-        regions' summaries in slots of their own)."""
+        regions' summaries in slots of their own); with `return_hidden`, also the new tokens' last-layer states
+        (B, N, D)."""
         B, N = type_ids.shape
         H, L = cache[0][0].shape[1], cache[0][0].shape[2]
         h = self.embed(type_ids, state_ids, prev_ids, pos.clamp(max=self.config.n_transit - 1))
@@ -299,7 +371,7 @@ class AD(nn.Module):
         for i, blk in enumerate(self.blocks):
             h, cache[i] = blk(h, kv=cache[i], slots=slots, bias=bias)
         last = h[torch.arange(B), n_new - 1]
-        return self.heads(last)
+        return (self.heads(last), h) if return_hidden else self.heads(last)
 
 
 MODEL = {"AD": AD}

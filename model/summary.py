@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import torch
 
-ACCUMULATE, RECURRENT = "accumulate", "recurrent"
-SUMMARY_MODES = (ACCUMULATE, RECURRENT)
+ACCUMULATE, RECURRENT, FEEDBACK = "accumulate", "recurrent", "feedback"
+SUMMARY_MODES = (ACCUMULATE, RECURRENT, FEEDBACK)
 
 
 def visible(q_region, q_summary, k_region, k_summary, first_raw, mode: str, max_summaries: int) -> torch.Tensor:
@@ -48,7 +48,7 @@ def visible(q_region, q_summary, k_region, k_summary, first_raw, mode: str, max_
     raw_key = ~k_summary & (k_region >= base) & (k_region <= q_region) & (own | ~q_summary)
     if mode == ACCUMULATE:
         kept = k_region >= base - max_summaries
-    elif mode == RECURRENT:
+    elif mode in (RECURRENT, FEEDBACK):  # feedback: who sees whom as recurrent; what a pruned summary shows differs
         kept = k_region == q_region - 1
     else:
         raise ValueError(f"summary_mode must be one of {SUMMARY_MODES}, got {mode!r}")
@@ -68,13 +68,37 @@ def attention_mask(region_ids, is_summary, first_raw, mode: str, max_summaries: 
 
 
 def key_ranges(mask: torch.Tensor, chunk: int) -> list[tuple[int, int, int]]:
-    """Query chunks `(start, stop, lo)` of a (B, T, T) mask such that every key a query in `start..stop-1` may see lies
-    in `lo..stop-1` (for every row of the batch): attention computed chunk by chunk over those keys only equals the
-    full masked attention. A pruned region's tokens see only their region and the summaries just before it, so most of
-    the (T, T) square is masked out and the chunks skip it (the CPU flash kernel skips masked blocks only when causal)."""
-    T = mask.shape[1]
-    first = torch.where(mask.any(0), torch.arange(T, device=mask.device), T).amin(1).tolist()  # first visible key per query
+    """Query chunks `(start, stop, lo)` of a (B, T, P + T) mask (P >= 0 prefix keys in front of the T tokens' own: a
+    feedback memory) such that every key a query in `start..stop-1` may see lies in `lo..stop+P-1` (for every row of the
+    batch): attention computed chunk by chunk over those keys only equals the full masked attention. A pruned region's
+    tokens see only their region and the summaries just before it, so most of the (T, T) square is masked out and the
+    chunks skip it (the CPU flash kernel skips masked blocks only when causal)."""
+    T, S = mask.shape[1], mask.shape[2]
+    first = torch.where(mask.any(0), torch.arange(S, device=mask.device), S).amin(1).tolist()  # first visible key per query
     return [(a, min(T, a + chunk), min(first[a:a + chunk])) for a in range(0, T, chunk)]
+
+
+def prefix_mask(region_ids, is_summary, has_prefix, mode: str, max_summaries: int) -> torch.Tensor:
+    """(B, T) boolean: may each token of a sequence whose regions start at 0 (all raw) see the summary of region -1 (a
+    feedback memory in front of it), where a row `has_prefix` (B,)? `visible`'s rule: region 0 sees it."""
+    minus_one = torch.full_like(region_ids, -1)
+    rule = visible(region_ids, is_summary, minus_one, torch.ones_like(is_summary), torch.zeros_like(region_ids), mode,
+                   max_summaries)
+    return rule & (region_ids >= 0) & has_prefix[:, None]
+
+
+def segment(region_ids, lo, hi=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of regions lo..hi (hi None: to the end) of each row of a layout (contiguous, as regions are), as
+    (B, W) indices into the row (past a row's own tokens: clamped, not valid) and the (B, W) boolean of the valid ones;
+    `lo`, `hi` ints or (B,) tensors."""
+    B, T = region_ids.shape
+    lo = torch.as_tensor(lo, device=region_ids.device).expand(B)
+    hi = region_ids.max(1).values if hi is None else torch.as_tensor(hi, device=region_ids.device).expand(B)
+    sel = (region_ids >= lo[:, None]) & (region_ids <= hi[:, None])
+    start, length = sel.int().argmax(1), sel.sum(1)
+    W = max(int(length.max()), 1)
+    idx = start[:, None] + torch.arange(W, device=region_ids.device)
+    return idx.clamp(max=T - 1), torch.arange(W, device=region_ids.device) < length[:, None]
 
 
 def layout_positions(region_ids, first_raw) -> torch.Tensor:

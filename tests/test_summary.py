@@ -206,6 +206,7 @@ def run(model, cfg, use_cache=True, n_episodes=5, goals=(38, 51)):
     ("accumulate", 2, 2, ["eval_prune=fixed"]), ("accumulate", 1, 3, ["eval_prune=fixed"]),
     ("accumulate", 3, 1, ["eval_prune=fixed"]), ("recurrent", 2, 1, ["eval_prune=fixed"]),
     ("recurrent", 1, 1, []), ("accumulate", 2, 2, []),  # the random head closes irregularly, per stream
+    ("feedback", 2, 1, ["eval_prune=fixed"]), ("feedback", 1, 1, []), ("feedback", 2, 1, []),
 ])
 def test_cached_evaluation_equals_a_teacher_forced_pass_with_summaries(mode, max_regions, kept, extra):
     model, cfg = eval_setup(mode, max_regions, kept, extra)
@@ -233,7 +234,8 @@ def sample_logits(model, cfg: dict, d: dict, k: int, back: int | None) -> torch.
     return torch.cat([out["logits_action"], out["logits_token_type"]], -1)[0, in_k]
 
 
-@pytest.mark.parametrize("mode,max_regions,kept", [("accumulate", 2, 2), ("recurrent", 1, 1), ("accumulate", 3, 1)])
+@pytest.mark.parametrize("mode,max_regions,kept", [("accumulate", 2, 2), ("recurrent", 1, 1), ("accumulate", 3, 1),
+                                                   ("feedback", 2, 1), ("feedback", 1, 1)])
 def test_evaluation_contexts_are_training_samples(mode, max_regions, kept):
     """Each step's logits at evaluation equal the model's on the training sample (SummarySampler.put, from the same
     tokens) whose open region is that step's, wherever the sample reaches back to the stream's start."""
@@ -279,6 +281,26 @@ def test_recurrent_summary_reaches_n_layer_regions_back_and_no_further(n_layer, 
     assert min(short[enough + max_regions:]) > 1e-4, short  # one region short of the chain: not the evaluation's
 
 
+@pytest.mark.parametrize("mode", ["recurrent", "feedback"])
+def test_only_a_feedback_memory_carries_a_region_past_n_layer_regions(mode):
+    """Change the states of region 0 of a stream: a decision 3 regions later moves in feedback mode (the summary's memory
+    is the last-layer state of the one before, so the chain carries it on; at random weights it fades ~10x per region),
+    and not at all in recurrent mode (one region per layer: 2 layers here)."""
+    model, cfg = eval_setup(mode, 1, 1, ["eval_prune=fixed"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(4)
+    d, _ = logged_stream(run(model, cfg, True, n_episodes=5)["context_log"])
+    assert len(d["regions"][0]) >= 4
+    other = dict(d, state_ids=d["state_ids"].copy())
+    t0, t1 = d["regions"][0][0]
+    other["state_ids"][t0:t1] = (other["state_ids"][t0:t1] + 7) % 81
+    for k, moves in [(1, True), (3, mode == "feedback")]:
+        diff = (sample_logits(model, cfg, d, k, k) - sample_logits(model, cfg, other, k, k)).abs().max().item()
+        assert diff > 1e-4 if moves else diff < 1e-6, (k, diff)
+
+
 def test_reach_probe_finds_the_depth_a_decision_depends_on():
     """summary.reach (probe.py --summary-reach): rounding-level distance from n_layer + 1 - max_regions pruned regions
     on, a clear one below (the same rule as the test above, measured as policies)."""
@@ -308,8 +330,9 @@ def test_kv_cache_is_bounded_over_long_evaluations():
 @pytest.mark.parametrize("overrides,message", [
     (["use_compressed_context=false"], "use_summary=true needs use_compressed_context=true"),
     (["n_summary=0"], "use_summary=true needs n_summary>=1"),
-    (["summary_mode=memo"], "summary_mode must be one of accumulate, recurrent"),
+    (["summary_mode=memo"], "summary_mode must be one of accumulate, recurrent, feedback"),
     (["summary_mode=recurrent", "max_summaries=3"], "set max_summaries=1"),
+    (["summary_mode=feedback", "max_summaries=2"], r"set max_summaries=1 \(feedback keeps one summary\)"),
     (["summary_mode=accumulate", "max_summaries=3", "summary_train_regions=2"], "summary_train_regions=2 must be 0"),
     (["n_transit=165"], "set n_transit>=167"),
 ])
