@@ -16,7 +16,8 @@ puts them to work:
   at any length, and beyond n_layer pruned regions none of its losses changes (tests/test_summary.py,
   docs/experiments.md E68).
 - `SummaryContexts` / `run_in_context`: evaluation. The cache of a stream holds, in slots of their own, the summaries of
-  the pruned regions it keeps (`max_summaries` groups, or one in recurrent mode), then its raw part. After each prune
+  the pruned regions it keeps (`max_summaries` groups, or one in recurrent and feedback mode; feedback keeps the memory
+  of the summary's last-layer states, which the raw tokens' states are kept for), then its raw part. After each prune
   the raw part is rebuilt against those summaries, so every cached key/value is the one a teacher-forced pass over the
   whole stream (the uncached reference, `use_cache=False`) computes; the cache has a fixed number of slots, so memory
   stays flat however long the evaluation runs.

@@ -18,12 +18,17 @@ Visibility (`visible`), on top of causality (a token sees only tokens before it 
 - older summaries: `accumulate` (Memo-like) - the summaries of the regions `base - max_summaries .. own - 1` (the
   context keeps the summaries of the last `max_summaries` pruned regions, and those of its closed raw regions);
   `recurrent` (RSM-like) - the summary of the previous region only (each summary attends to the one before it and
-  replaces it; the cache keeps one pruned summary).
+  replaces it; the cache keeps one pruned summary); `feedback` - who sees whom as in recurrent, but a *pruned*
+  summary shows every layer the keys/values of its last-layer states (through that layer's projection: `AD.memory_kv`,
+  as the Feedback Transformer's memory), not its own per-layer keys/values.
 So every token after a pruned region sees it only through summary tokens. A summary reads older summaries' keys and
 values at the same layer, so information moves one summary hop per layer: through the recurrent chain a region reaches
 a token at most `n_layer - 1` regions after it (accumulate reads the kept summaries directly), and a recurrent
 training sample with `n_layer + 1 - max_regions` pruned regions computes its open region exactly as evaluation does,
-however long the evaluation (summary.py).
+however long the evaluation (summary.py). A feedback summary is written from the previous one's top, so the chain
+carries a region on without that bound; the price is order: a pruned region's memory exists only once it has been
+computed, so training computes the pruned regions of a sample one after another (`AD.summary_hidden`), and a sample
+equals an evaluation context only while it reaches back to the stream's start (its chain is truncated there).
 
 Positions (`layout_positions`): the raw part restarts at 0 at the oldest raw region's `<compress>`, as without
 summaries, and summary tokens take positions in it like any token (`... E S_1 .. S_n C ...`); each pruned region is
