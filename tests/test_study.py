@@ -131,7 +131,8 @@ def test_study_refuses_bad_arguments(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --arms: everything is not one of standard-240, standard-160, compressed, compressed-fixed, compressed-adaptive, "
         "compressed-eps, "
-        "dpt, searcher, ppo, source-eps, compressed-summary, compressed-summary-accumulate, compressed-stride<s> (s >= 2; "
+        "dpt, searcher, ppo, source-eps, compressed-summary, compressed-summary-accumulate, compressed-summary-feedback, "
+        "compressed-stride<s> (s >= 2; "
         "compressed is stride 1), compressed-stride<s>-any (s >= 1), compressed-eps-stride<s> (s >= 2; compressed-eps is "
         "stride 1), compressed-r<m> (m >= 1 regions), compressed-summary-back<b> (b >= 1 pruned regions in front of a training "
         "sample), compressed-summary-r<m> (m >= 1 raw regions), standard-<w> (w = 80 k: a window of k >= 1 rollouts)"]
