@@ -17,9 +17,10 @@ clone) it first collects 2 training goals with the default PPO config into datas
   warm-up steps (steps/s = 1 / median step time; best of 2-3 fresh processes per option, as the same step runs
   up to ~30% faster or slower from one process to the next); peak RSS growth over the baseline after a 2-row
   step, and the bytes of activations autograd saves for backward in one step. Options, each measured on its own
-  against the baseline of this same run (fp32, torch's default threads, eager): `mixed_precision=bf16`,
-  `compile=true` (with bf16), one thread; and the two modes trained at once, one thread each (what the workflow
-  and the study do); summary tokens (config/model/ad_dr_summary.yaml, summary_train_regions pruned regions in front of
+  against the baseline of this same run (fp32, torch's default threads, eager, one pass over the batch):
+  `mixed_precision=bf16`, `compile=true` (fp32 and bf16), the default (its precision with the config's `train_shards`
+  row shards, shards.py) on the run's threads and on one thread; and the two modes trained at once, one thread each
+  (what the workflow and the study do); summary tokens (config/model/ad_dr_summary.yaml, summary_train_regions pruned regions in front of
   every sample) at the default precision, one thread, against compressed AD's same option. FLOPs per step are
   counted with torch's FlopCounterMode; the limit is the measured matmul rate of this CPU at the model's shapes
   (fp32 and bf16); a profile (torch.profiler) says where a step's time goes.
@@ -218,6 +219,7 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     from dataset import HistoryDataset
     from model import MODEL, ADConfig
     from model.optim import param_groups
+    from shards import ShardedStep
 
     cfg = train_config(mode, options)
     data = HistoryDataset(history_path(cfg), cfg, "train", cfg["train_batch_size"], cfg["seed"])
@@ -237,11 +239,21 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
         lengths[i] = b["type_ids"].shape[1]
         return {k: v.to(device) for k, v in b.items()}
 
+    def autocast():
+        return torch.autocast("cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=bf16)  # as accelerate does
+
+    # train.py's row shards (shards.py) where the option asks for them: `train_shards` rows, the run's threads as cores
+    shards = ShardedStep(model, options["train_shards"], torch.get_num_threads(), autocast) \
+        if options.get("train_shards", 1) > 1 and not on_gpu and not options.get("compile") else None
+
     def step(i: int, rows: int | None = None, f=fn) -> int:
         batch = batch_on_device(i)
-        with torch.autocast("cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=bf16):  # as accelerate does
-            out = f({k: v[:rows] for k, v in batch.items()} if rows else batch)
-        out["loss"].backward()
+        if shards is not None and rows is None and f is fn:
+            out = shards(batch)
+        else:
+            with autocast():
+                out = f({k: v[:rows] for k, v in batch.items()} if rows else batch)
+            out["loss"].backward()
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
@@ -255,6 +267,7 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     reset_ok = reset_peak_rss()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
+    threads = torch.get_num_threads()  # the run's (shards set torch's own count to 1 per shard)
     t0 = time.perf_counter()
     for i in range(n_warmup + (5 if options.get("compile") else 0)):  # compile: its first steps compile
         step(i)
@@ -275,7 +288,7 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     return {
         "mode": mode, "options": options, "batch_size": cfg["train_batch_size"], "seq_len": cfg["n_transit"],
         "tokens_per_sample": float(statistics.mean(lengths[i] for i in range(n_warmup, n_warmup + n_steps))),
-        "steps": n_steps, "threads": torch.get_num_threads(), "warmup_s": warmup_s,
+        "steps": n_steps, "threads": threads, "train_shards": options.get("train_shards", 1), "warmup_s": warmup_s,
         "median_step_s": step_s, "mean_step_s": sum(times) / n_steps,
         "steps_per_s": 1 / step_s, "targets_per_s": targets / n_steps / step_s, "targets_per_step": targets / n_steps,
         "gflop_per_step": counter.get_total_flops() / 1e9, "gflop_per_s": counter.get_total_flops() / 1e9 / step_s,
@@ -559,16 +572,24 @@ def bench_collect(args, k: int, table: Table, res: dict) -> None:
                   COLLECT_FRACTION)
 
 
+def default_shards() -> int:
+    from common import load_config
+
+    return load_config(STANDARD_CONFIG)["train_shards"]
+
+
 def train_variants(threads: int | None, default: str) -> dict:
-    """name -> (options, threads) of the training options compared; the first is the reference of every ratio.
-    `default`: what the config's mixed_precision (auto) resolves to on this machine ("no" or "bf16")."""
-    name = {"no": "fp32", "bf16": "bf16"}[default]
+    """name -> (options, threads) of the training options compared; the first is the reference of every ratio (one
+    pass over the batch, intra-op threads). `default`: what the config's mixed_precision (auto) resolves to on this
+    machine ("no" or "bf16"); the default also runs the config's `train_shards` row shards (shards.py)."""
+    name, n = {"no": "fp32", "bf16": "bf16"}[default], default_shards()
     return {
         "baseline (fp32, eager)": ({"mixed_precision": "no"}, threads),
         "bf16": ({"mixed_precision": "bf16"}, threads),
         "fp32 + compile": ({"mixed_precision": "no", "compile": True}, threads),
         "bf16 + compile": ({"mixed_precision": "bf16", "compile": True}, threads),
-        f"default ({name}), 1 thread": ({"mixed_precision": default}, 1),
+        f"default ({name}, {n} row shards)": ({"mixed_precision": default, "train_shards": n}, threads),
+        f"default ({name}, {n} row shards), 1 thread": ({"mixed_precision": default, "train_shards": n}, 1),
     }
 
 
@@ -596,12 +617,13 @@ def bench_train(args, k: int, table: Table, res: dict, default: str) -> None:
     tr = time_variants(variants, traj, k, args.retries)
     n, warm = SIZES["train_steps"][k], SIZES["train_warmup"][k]
     print(f"training: both modes at once, default precision ({default}), 1 thread each ...", flush=True)
+    as_trained = {"mixed_precision": default, "train_shards": default_shards(), **traj}
     pair = run_workers_at_once([{"kind": "train", "mode": m, "steps": n, "warmup": warm, "threads": 1,
-                                 "options": {"mixed_precision": default, **traj}} for m in MODES])
+                                 "options": as_trained} for m in MODES])
     one_thread = next(name for name in variants if "1 thread" in name)  # the default, 1 thread (train_variants)
     print(f"training: summary tokens, {one_thread} ...", flush=True)
     summ = max((run_worker({"kind": "train", "mode": "summary", "steps": n, "warmup": warm, "threads": 1,
-                            "options": {"mixed_precision": default, **traj}}, args.retries)
+                            "options": as_trained}, args.retries)
                 for _ in range(SIZES["train_repeats"][k])), key=lambda x: x["steps_per_s"])
     print("profile and matmul peak ...", flush=True)
     prof = {(m, p): run_worker({"kind": "profile", "mode": m, "threads": args.threads,
@@ -610,7 +632,8 @@ def bench_train(args, k: int, table: Table, res: dict, default: str) -> None:
     res["train"] = {f"{m}/{name}": r for (m, name), r in tr.items()} | {
         "pair_1_thread_each": pair, "summary_1_thread": summ, "profile": {f"{m}/{p}": r for (m, p), r in prof.items()},
         "matmul_peak": peak}
-    baseline, default_name = next(iter(variants)), {"no": "baseline (fp32, eager)", "bf16": "bf16"}[default]
+    baseline = next(iter(variants))
+    default_name = next(name for name in variants if name.startswith("default") and "1 thread" not in name)
     for mode in MODES:
         base = tr[mode, baseline]
         for name in variants:

@@ -49,7 +49,7 @@ SCHEMA: dict[str, type] = {
     # training
     "seed": int, "train_timesteps": int, "train_batch_size": int, "lr": float, "weight_decay": float, "weight_decay_on": str,
     "warmup_steps": int, "grad_clip": float, "mixed_precision": str, "deterministic": bool, "log_interval": int,
-    "val_interval": int, "val_batches": int, "ckpt_interval": int, "num_threads": int, "val_episodes": int,
+    "val_interval": int, "val_batches": int, "ckpt_interval": int, "num_threads": int, "train_shards": int, "val_episodes": int,
     "val_streams": int,
     # evaluation
     "eval_episodes": int, "eval_streams": int, "eval_temperature": float, "eval_window_shift": int,
@@ -72,7 +72,7 @@ ALGS = ("PPO", "searcher-eps")
 POSITIVE = {
     "grid_size", "horizon", "n_steps", "n_stream", "total_source_timesteps", "ppo_batch_size",
     "ppo_n_epochs", "ppo_lr", "ppo_net_arch", "n_process", "n_transit", "compress_interval",
-    "max_regions", "region_stride", "d_model", "n_layer", "n_head", "train_timesteps", "train_batch_size", "lr",
+    "max_regions", "region_stride", "d_model", "n_layer", "n_head", "train_timesteps", "train_batch_size", "train_shards", "lr",
     "log_interval", "val_interval", "val_batches", "ckpt_interval", "eval_episodes", "eval_streams",
     "eval_temperature", "eval_window_shift",
 }
@@ -84,7 +84,7 @@ RENAMED_KEYS = {"test_interval": "val_interval", "test_batches": "val_batches"}
 RESUMABLE_KEYS = {
     "train_timesteps", "log_interval", "val_interval", "val_batches", "ckpt_interval", "n_process", "traj_dir",
     "eval_episodes", "eval_streams", "eval_temperature", "eval_window_shift", "eval_cache", "eval_seed", "eval_prune",
-    "eval_close_threshold", "eval_first_region", "num_threads", "val_episodes", "val_streams", *RENAMED_KEYS,
+    "eval_close_threshold", "eval_first_region", "num_threads", "train_shards", "val_episodes", "val_streams", *RENAMED_KEYS,
 }
 
 

@@ -50,6 +50,7 @@ from env import task_family, task_split
 from hardware import bf16_warning, cpu_info, resolve_precision
 from model import MODEL, ADConfig, weights_digest
 from model.optim import param_groups
+from shards import ShardedStep
 
 CKPT = "ckpt.pt"
 LAUNCHER_LOG = "train.log"  # the workflow / study write train.py's output here before it starts
@@ -303,10 +304,32 @@ def make_accelerator(cfg: dict) -> tuple[Accelerator, dict]:
     return accelerator, {"mixed_precision": cfg["mixed_precision"], "precision": precision, "precision_reason": reason}
 
 
+SHARDS: list = []  # the run's ShardedStep, where it has one (take_free_core hands the freed core to it)
+
+
+def shard_runner(cfg: dict, model, accelerator: Accelerator) -> ShardedStep | None:
+    """The step's row shards (shards.py) where they apply: `train_shards` > 1, on CPU, one process, eager; else None
+    (one pass). The shards run in parallel on the run's cores unless there is dropout."""
+    if cfg.get("train_shards", 1) <= 1 or accelerator.device.type != "cpu" or accelerator.num_processes > 1 or cfg["compile"]:
+        return None
+    runner = ShardedStep(model, cfg["train_shards"], torch.get_num_threads(), accelerator.autocast,
+                         parallel=cfg["dropout"] == 0)
+    SHARDS[:] = [runner]
+    return runner
+
+
 def take_free_core(signum=None, frame=None) -> None:
     """SIGUSR1: a core was freed (the workflow and the study send it when another of their trainings ends), so use one
-    more intra-op thread, up to the core count. Two trainings at once end together instead of one idling a core."""
-    n = min(torch.get_num_threads() + 1, os.cpu_count() or 1)
+    more thread, up to the core count: for one more row shard at once (shards.py), else one more intra-op thread. Two
+    trainings at once end together instead of one idling a core."""
+    limit = os.cpu_count() or 1
+    if SHARDS:
+        before = SHARDS[0].cores
+        n = SHARDS[0].add_core(limit)
+        if n != before:
+            print(f"\nSIGUSR1: a core was freed, training on {n} cores from here ({SHARDS[0].shards} row shards)", flush=True)
+        return
+    n = min(torch.get_num_threads() + 1, limit)
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
         print(f"\nSIGUSR1: a core was freed, training on {n} threads from here", flush=True)
@@ -391,6 +414,7 @@ def main():
         accelerator.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale continues where it was
     raw_model = accelerator.unwrap_model(model)  # what is saved and tested: no DDP wrapper, no "module." prefix
     step_fn = torch.compile(model) if cfg["compile"] else model
+    shards = shard_runner(cfg, model, accelerator)
     # its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, which would
     # shift the dropout stream of a resumed run away from the uninterrupted one
     loader = torch.utils.data.DataLoader(train_data, batch_size=None, generator=torch.Generator().manual_seed(seed))
@@ -410,9 +434,12 @@ def main():
     model.train()
     for step, batch in zip(range(start_step, cfg["train_timesteps"]), loader, strict=False):  # the loader never ends
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        with accelerator.autocast():
-            out = step_fn(batch)
-        accelerator.backward(out["loss"])
+        if shards is not None:  # gradients summed over row shards into .grad (shards.py)
+            out = shards(batch)
+        else:
+            with accelerator.autocast():
+                out = step_fn(batch)
+            accelerator.backward(out["loss"])
         if cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
@@ -454,6 +481,8 @@ def main():
     # Free the DDP wrapper (it holds the process group) on every rank before the group is destroyed together;
     # left to interpreter exit, gloo's threads die with `terminate called without an active exception`.
     accelerator.wait_for_everyone()
+    if shards is not None:
+        shards.close()
     model, opt, step_fn = accelerator.free_memory(model, opt, step_fn)
     gc.collect()  # the wrapper sits in reference cycles
     accelerator.end_training()

@@ -306,7 +306,6 @@ class AD(nn.Module):
         out["loss_action"] = F.cross_entropy(logits_action[sup], tgt[sup])
         out["acc_action"] = (logits_action[sup].argmax(-1) == tgt[sup]).float().mean()
         out["n_targets"] = sup.sum()
-        out["loss"] = out["loss_action"]
         if logits_type is not None:
             out["logits_token_type"] = logits_type
         if logits_type is not None and "target_token_type" in batch:
@@ -320,8 +319,17 @@ class AD(nn.Module):
             out["n_true_positive"] = ((pred == COMPRESS_END) & (true == COMPRESS_END)).sum()
             out["n_pred_end"] = (pred == COMPRESS_END).sum()
             out["n_true_end"] = (true == COMPRESS_END).sum()
-            out["loss"] = out["loss_action"] + self.config.token_type_loss_weight * out["loss_token_type"]
+        out["loss"] = self.objective(out)
         return out
+
+    def objective(self, out: dict, action_scale: float = 1.0, type_scale: float = 1.0) -> torch.Tensor:
+        """The training loss of a pass's `out`: loss_action + token_type_loss_weight x loss_token_type (where the batch has
+        token-type targets). The scales weight the two means: a row shard's share of its batch's targets (shards.py), so
+        the shards' losses sum to the whole batch's; a term whose scale is 0 is left out (a shard without such targets)."""
+        loss = action_scale * out["loss_action"] if action_scale else out["logits_action"].sum() * 0.0
+        if "loss_token_type" in out and type_scale:
+            loss = loss + type_scale * self.config.token_type_loss_weight * out["loss_token_type"]
+        return loss
 
     # ---- inference with a key/value cache -------------------------------------------------------------
     def new_cache(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

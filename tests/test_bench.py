@@ -47,3 +47,15 @@ def test_measure_training_times_summary_tokens_on_their_longer_samples(tiny_hist
     summ, comp = (bench.measure_training(m, 1, 1, opts) for m in ("summary", "compressed"))
     assert bench.train_config("summary", opts)["use_summary"] and not bench.train_config("compressed", opts).get("use_summary")
     assert summ["tokens_per_sample"] > comp["tokens_per_sample"] and summ["steps_per_s"] > 0
+
+
+def test_measure_training_runs_the_default_row_shards(tiny_history):
+    """The default variant times train.py's row-sharded step (shards.py), on the run's threads."""
+    import bench
+
+    opts = {"mixed_precision": "no", "train_shards": 2, "overrides": tiny_history["standard"]}
+    r = bench.measure_training("standard", 2, 1, opts)
+    assert r["train_shards"] == 2 and r["steps_per_s"] > 0 and r["targets_per_step"] > 0
+    names = bench.train_variants(None, "no")
+    assert any("2 row shards" in n and "1 thread" not in n for n in names)
+    assert next(iter(names)) == "baseline (fp32, eager)"
