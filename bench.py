@@ -20,8 +20,8 @@ clone) it first collects 2 training goals with the default PPO config into datas
   against the baseline of this same run (fp32, torch's default threads, eager, one pass over the batch):
   `mixed_precision=bf16`, `compile=true` (fp32 and bf16), the default (its precision with the config's `train_shards`
   row shards, shards.py) on the run's threads and on one thread; and the two modes trained at once, one thread each
-  (what the workflow and the study do); summary tokens (config/model/ad_dr_summary.yaml, summary_train_regions pruned regions in front of
-  every sample) at the default precision, one thread, against compressed AD's same option. FLOPs per step are
+  (what the workflow and the study do); summary tokens (config/model/ad_dr_summary.yaml, summary_train_regions pruned
+  regions in front of every sample) at the default precision, one thread, against compressed AD's same option. FLOPs per step are
   counted with torch's FlopCounterMode; the limit is the measured matmul rate of this CPU at the model's shapes
   (fp32 and bf16); a profile (torch.profiler) says where a step's time goes.
 - projection: the default main job (collect, train both modes at once, evaluate both) from the measured parts.

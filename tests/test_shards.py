@@ -129,7 +129,10 @@ def test_a_freed_core_goes_to_the_shards_not_to_intra_op_threads():
         SHARDS[:] = [ShardedStep(_model(False), 2, 1, contextlib.nullcontext)]
         take_free_core()
         assert SHARDS[0].cores == 2 and SHARDS[0]._workers() == 2 and SHARDS[0]._intra() == 1
-        assert torch.get_num_threads() == 1
+        SHARDS[0](_batch(False))
+        assert torch.get_num_threads() == 2  # after a step the rest of the run (validation rollouts) has both cores
     finally:
+        for runner in SHARDS:
+            runner.close()
         SHARDS.clear()
         torch.set_num_threads(before)
