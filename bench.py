@@ -246,9 +246,9 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     shards = ShardedStep(model, options["train_shards"], torch.get_num_threads(), autocast) \
         if options.get("train_shards", 1) > 1 and not on_gpu and not options.get("compile") else None
 
-    def step(i: int, rows: int | None = None, f=fn) -> int:
+    def step(i: int, rows: int | None = None, f=fn, one_pass: bool = False) -> int:
         batch = batch_on_device(i)
-        if shards is not None and rows is None and f is fn:
+        if shards is not None and rows is None and not one_pass:
             out = shards(batch)
         else:
             with autocast():
@@ -281,8 +281,8 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
         times.append(time.perf_counter() - start)
     peak = peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
-    with FlopCounterMode(display=False) as counter:  # forward + backward FLOPs of one step (eager model)
-        step(0, f=model)
+    with FlopCounterMode(display=False) as counter:  # forward + backward FLOPs of one step (eager model, one pass: the
+        step(0, f=model, one_pass=True)                # counter sees only this thread's operations, not the shards')
     saved = saved_activation_bytes(model, batch_on_device(0))
     step_s = statistics.median(times)  # robust to a step slowed by something else on the machine
     return {
