@@ -1,9 +1,9 @@
 """A training batch's gradient computed in row shards, on parallel threads where the run has the cores (CPU).
 
 This model's matrices are small (d_model 64), so a second intra-op thread speeds a training step up by only
-1.1-1.4x on a 2-core CPU; two half-batch shards, each on a thread of its own with one intra-op thread, ran 1.16x
-(standard) and 1.32x (compressed) faster than that on synthetic batches, ~1.05x in the main job's two-core tail
-(docs/experiments.md E71, E72), and cost nothing on one thread. `train_shards` fixes how a batch is split, not how many threads
+1.1-1.4x on a 2-core CPU; two half-batch shards, each on a thread of its own with one intra-op thread, were
+0.98-1.12x (standard) and 1.01-1.32x (compressed) as fast as that on an AVX2 CPU (docs/experiments.md E71, E72), and
+cost nothing on one thread. `train_shards` fixes how a batch is split, not how many threads
 run it: each shard's loss is its share of the batch's objective (its targets over the batch's), and the shards'
 gradients are summed in a fixed order, so a run's numbers do not depend on how many cores it had or on when a freed
 core was handed over (with intra-op threads they do: the thread count changes fp32 rounding). The objective is the
