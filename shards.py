@@ -79,7 +79,7 @@ class ShardedStep:
         subs = row_shards(batch, self.shards)
         n_action = [int((s["target_action"] != IGNORE).sum()) for s in subs]
         n_type = [int((s["target_token_type"] != IGNORE).sum()) if "target_token_type" in s else 0 for s in subs]
-        N, M = sum(n_action), max(1, sum(n_type))
+        N, M = max(1, sum(n_action)), max(1, sum(n_type))  # a shard without such targets gets scale 0
         args = [(s, a / N, t / M) for s, a, t in zip(subs, n_action, n_type, strict=True)]
         workers = self._workers()
         torch.set_num_threads(self._intra())
