@@ -219,7 +219,7 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
     from dataset import HistoryDataset
     from model import MODEL, ADConfig
     from model.optim import param_groups
-    from shards import ShardedStep
+    from shards import ShardedStep, shards_apply
 
     cfg = train_config(mode, options)
     data = HistoryDataset(history_path(cfg), cfg, "train", cfg["train_batch_size"], cfg["seed"])
@@ -243,8 +243,9 @@ def measure_training(mode: str, n_steps: int, n_warmup: int, options: dict) -> d
         return torch.autocast("cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=bf16)  # as accelerate does
 
     # train.py's row shards (shards.py) where the option asks for them: `train_shards` rows, the run's threads as cores
-    shards = ShardedStep(model, options["train_shards"], torch.get_num_threads(), autocast) \
-        if options.get("train_shards", 1) > 1 and not on_gpu and not options.get("compile") else None
+    n_shards = options.get("train_shards", 1)
+    shards = ShardedStep(model, n_shards, torch.get_num_threads(), autocast) \
+        if shards_apply(n_shards, "cuda" if on_gpu else "cpu", compile=options.get("compile", False)) else None
 
     def step(i: int, rows: int | None = None, f=fn, one_pass: bool = False) -> int:
         batch = batch_on_device(i)

@@ -23,6 +23,12 @@ import torch
 from model.ad import IGNORE
 
 
+def shards_apply(train_shards: int, device_type: str, num_processes: int = 1, compile: bool = False) -> bool:
+    """Whether a step runs as row shards: more than one asked for, on CPU, one process (DDP needs its backward hooks),
+    eager (a compiled model stays one pass). train.py and bench.py both ask here."""
+    return train_shards > 1 and device_type == "cpu" and num_processes == 1 and not compile
+
+
 def row_shards(batch: dict, n: int) -> list[dict]:
     """`batch` (every tensor row-major: (B, ...)) split into at most n contiguous row ranges of near-equal size."""
     rows = next(iter(batch.values())).shape[0]
@@ -82,7 +88,6 @@ class ShardedStep:
         N, M = max(1, sum(n_action)), max(1, sum(n_type))  # a shard without such targets gets scale 0
         args = [(s, a / N, t / M) for s, a, t in zip(subs, n_action, n_type, strict=True)]
         workers = self._workers()
-        torch.set_num_threads(self._intra())
         if workers > 1:
             if self.pool_size != workers:
                 if self.pool is not None:

@@ -50,7 +50,7 @@ from env import task_family, task_split
 from hardware import bf16_warning, cpu_info, resolve_precision
 from model import MODEL, ADConfig, weights_digest
 from model.optim import param_groups
-from shards import ShardedStep
+from shards import ShardedStep, shards_apply
 
 CKPT = "ckpt.pt"
 LAUNCHER_LOG = "train.log"  # the workflow / study write train.py's output here before it starts
@@ -310,7 +310,7 @@ SHARDS: list = []  # the run's ShardedStep, where it has one (take_free_core han
 def shard_runner(cfg: dict, model, accelerator: Accelerator) -> ShardedStep | None:
     """The step's row shards (shards.py) where they apply: `train_shards` > 1, on CPU, one process, eager; else None
     (one pass). The shards run in parallel on the run's cores unless there is dropout."""
-    if cfg.get("train_shards", 1) <= 1 or accelerator.device.type != "cpu" or accelerator.num_processes > 1 or cfg["compile"]:
+    if not shards_apply(cfg.get("train_shards", 1), accelerator.device.type, accelerator.num_processes, cfg["compile"]):
         return None
     runner = ShardedStep(model, cfg["train_shards"], torch.get_num_threads(), accelerator.autocast,
                          parallel=cfg["dropout"] == 0)
